@@ -1,0 +1,93 @@
+//! The broker's actors and the state they share.
+//!
+//! - [`session::WsSession`]: one per WebSocket connection, tagged with its role.
+//! - [`registry::Registry`]: the presence registry; routes between sessions and drains.
+//! - [`drain::Drain`]: one per member with a live connection; claims, pushes, acks.
+//! - [`sweeper::Sweeper`]: supervised; leases, dead letters, grace windows.
+
+pub mod drain;
+pub mod registry;
+pub mod session;
+pub mod sweeper;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::config::Config;
+use crate::db::Pool;
+use crate::ids::NodeId;
+use crate::metrics::Metrics;
+
+/// What every actor of one broker process shares. Cheap to clone (`Arc`).
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub pool: Pool,
+    pub metrics: Arc<Metrics>,
+    /// This process; recorded on presence rows and claims.
+    pub node_id: NodeId,
+    /// Per-member send token buckets (`limits.send_burst` / `send_per_sec`).
+    pub send_limits: RateLimiter<uuid::Uuid>,
+}
+
+/// The key under which a connection receives deliveries addressed to it
+/// alone: its session pubkey, else its session id.
+pub fn connection_key(session_pubkey: Option<&str>, session_id: &str) -> String {
+    match session_pubkey {
+        Some(pk) if !pk.is_empty() => pk.to_owned(),
+        _ => format!("sid:{session_id}"),
+    }
+}
+
+/// Token buckets keyed by `K`: `burst` tokens, refilled at `per_sec`.
+pub struct RateLimiter<K> {
+    burst: f64,
+    per_sec: f64,
+    buckets: Mutex<HashMap<K, (f64, Instant)>>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> RateLimiter<K> {
+    pub fn new(burst: u32, per_sec: u32) -> Self {
+        RateLimiter {
+            burst: burst.into(),
+            per_sec: per_sec.into(),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token for `key`; false when the bucket is empty.
+    pub fn allow(&self, key: &K) -> bool {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().expect("rate limiter lock");
+        if buckets.len() > 100_000 {
+            // Full buckets carry no information: forget them.
+            let burst = self.burst;
+            let per_sec = self.per_sec;
+            buckets.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * per_sec < burst
+            });
+        }
+        let (tokens, at) = buckets.entry(key.clone()).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_sec).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_allows_burst_then_refuses() {
+        let rl = RateLimiter::new(3, 1);
+        assert!((0..3).all(|_| rl.allow(&1)));
+        assert!(!rl.allow(&1));
+        assert!(rl.allow(&2), "buckets are per key");
+    }
+}

@@ -1,0 +1,471 @@
+//! The presence registry: every live connection on this broker, and the
+//! drain of every member that has one.
+//!
+//! Sessions register here after their hello and deregister when they stop;
+//! the registry starts a member's drain with its first connection and stops
+//! it after its last, routes wake-ups (a message accepted, a status change,
+//! a lease reclaimed) to drains, and sends the system pushes
+//! (`peer_joined`, `peer_left`, `peer_visible`, `peer_hidden`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::drain::{self, Drain};
+use super::session::{CloseConn, Outbound, WsSession};
+use super::Shared;
+use crate::db::queries;
+use crate::ids::Role;
+use crate::metrics::ActorKind;
+use crate::protocol::{self, Group, Push};
+
+/// One live connection, as the registry knows it.
+#[derive(Clone)]
+pub struct ConnEntry {
+    pub presence_id: Uuid,
+    pub mesh_id: Uuid,
+    pub member_id: Uuid,
+    pub member_pubkey: String,
+    pub role: Role,
+    pub session_id: String,
+    pub session_pubkey: Option<String>,
+    /// Deliveries keyed to this connection carry this key.
+    pub key: String,
+    pub display_name: String,
+    pub groups: Vec<Group>,
+    pub visible: bool,
+    pub addr: Addr<WsSession>,
+    /// Unix millis of the last frame or pong, written by the session.
+    pub last_seen: Arc<AtomicI64>,
+}
+
+impl ConnEntry {
+    /// The pubkey peers know this connection by.
+    fn pubkey(&self) -> &str {
+        self.session_pubkey.as_deref().unwrap_or(&self.member_pubkey)
+    }
+}
+
+pub struct Registry {
+    shared: Arc<Shared>,
+    conns: HashMap<Uuid, ConnEntry>,
+    /// Connections replaced by a newer hello: they close without a grace
+    /// window (the replacement took their place).
+    replaced: std::collections::HashSet<Uuid>,
+    drains: HashMap<Uuid, Addr<Drain>>,
+    shutting_down: bool,
+}
+
+impl Registry {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Registry {
+            shared,
+            conns: HashMap::new(),
+            replaced: Default::default(),
+            drains: HashMap::new(),
+            shutting_down: false,
+        }
+    }
+
+    fn count(&self) {
+        self.shared.metrics.actor_message(ActorKind::Registry);
+    }
+
+    /// Sends a system event about `subject` to the mesh's other members.
+    fn announce(&self, subject: &ConnEntry, event: &'static str) {
+        let push = Push {
+            ty: "push",
+            message_id: Uuid::new_v4().to_string(),
+            mesh_id: subject.mesh_id.to_string(),
+            sender_pubkey: "system".into(),
+            sender_member_pubkey: None,
+            sender_member_id: None,
+            sender_name: None,
+            priority: "low".into(),
+            nonce: String::new(),
+            ciphertext: String::new(),
+            created_at: protocol::iso(chrono::Utc::now()),
+            target_spec: None,
+            client_message_id: None,
+            request_fingerprint: None,
+            reply_to_id: None,
+            mentions: None,
+            attempt: None,
+            subtype: Some("system"),
+            event: Some(event),
+            event_data: Some(json!({
+                "name": subject.display_name,
+                "pubkey": subject.pubkey(),
+                "peerRole": subject.role,
+            })),
+        };
+        let text = serde_json::to_string(&push).expect("push serializes");
+        self.broadcast_system(subject.mesh_id, subject.member_id, &text);
+    }
+
+    fn broadcast_system(&self, mesh_id: Uuid, except_member: Uuid, text: &str) {
+        for c in self.conns.values() {
+            if c.mesh_id == mesh_id && c.member_id != except_member {
+                c.addr.do_send(Outbound::system(text.to_owned()));
+            }
+        }
+    }
+}
+
+impl Actor for Registry {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.shared.metrics.actor_started(ActorKind::Registry);
+        // Keep this broker's presence rows fresh, so a broker that dies
+        // can be told apart from a quiet one (the sweeper reaps stale rows).
+        let every = self.shared.config.presence.ping_interval.get();
+        ctx.run_interval(every, |act, ctx| {
+            let ids: Vec<Uuid> = act.conns.keys().copied().collect();
+            if ids.is_empty() {
+                return;
+            }
+            let pool = act.shared.pool.clone();
+            ctx.spawn(
+                async move {
+                    if let Ok(mut conn) = pool.get().await {
+                        let _ = queries::touch_presence(&mut conn, &ids).await;
+                    }
+                }
+                .into_actor(act),
+            );
+        });
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.shared.metrics.actor_stopped(ActorKind::Registry);
+    }
+}
+
+/// A connection passed its hello. Answers with its member's drain.
+#[derive(Message)]
+#[rtype(result = "Addr<Drain>")]
+pub struct Connect {
+    pub entry: ConnEntry,
+    /// It took over a closed connection inside its grace window.
+    pub silent: bool,
+}
+
+impl Handler<Connect> for Registry {
+    type Result = MessageResult<Connect>;
+
+    fn handle(&mut self, msg: Connect, ctx: &mut Self::Context) -> Self::Result {
+        self.count();
+        let entry = msg.entry;
+        // A hello replaces the hello connection with its sessionId; a
+        // session_hello the session with its sessionPubkey. Neither kind
+        // ever replaces the other.
+        let replaced: Vec<Uuid> = self
+            .conns
+            .values()
+            .filter(|c| {
+                c.mesh_id == entry.mesh_id
+                    && if entry.role == Role::Session {
+                        c.role == Role::Session && c.session_pubkey == entry.session_pubkey
+                    } else {
+                        c.role != Role::Session
+                            && c.member_id == entry.member_id
+                            && c.session_id == entry.session_id
+                    }
+            })
+            .map(|c| c.presence_id)
+            .collect();
+        for id in &replaced {
+            if let Some(old) = self.conns.get(id) {
+                self.replaced.insert(*id);
+                old.addr.do_send(CloseConn {
+                    code: 1000,
+                    reason: "session_replaced".into(),
+                });
+            }
+        }
+        let drain = self
+            .drains
+            .entry(entry.member_id)
+            .or_insert_with(|| Drain::new(self.shared.clone(), entry.member_id, ctx.address()).start())
+            .clone();
+        drain.do_send(drain::AddConn {
+            presence_id: entry.presence_id,
+            addr: entry.addr.clone(),
+            key: entry.key.clone(),
+            role: entry.role,
+            has_session_pubkey: entry.session_pubkey.is_some(),
+        });
+        if !msg.silent && replaced.is_empty() && entry.visible {
+            self.announce(&entry, "peer_joined");
+        }
+        self.conns.insert(entry.presence_id, entry);
+        MessageResult(drain)
+    }
+}
+
+/// A session actor stopped.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Disconnect {
+    pub presence_id: Uuid,
+}
+
+impl Handler<Disconnect> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Disconnect, ctx: &mut Self::Context) {
+        self.count();
+        let Some(entry) = self.conns.remove(&msg.presence_id) else {
+            return;
+        };
+        let replaced = self.replaced.remove(&msg.presence_id);
+        let last = !self.conns.values().any(|c| c.member_id == entry.member_id);
+        if let Some(drain) = self.drains.get(&entry.member_id) {
+            drain.do_send(drain::RemoveConn {
+                presence_id: entry.presence_id,
+                last,
+            });
+        }
+        if last {
+            self.drains.remove(&entry.member_id);
+        }
+        if self.shutting_down {
+            return;
+        }
+        let grace = self.shared.config.presence.grace.get();
+        let with_grace = !replaced && !grace.is_zero();
+        if !replaced && grace.is_zero() && entry.visible {
+            self.announce(&entry, "peer_left");
+        }
+        let pool = self.shared.pool.clone();
+        ctx.spawn(
+            async move {
+                let Ok(mut conn) = pool.get().await else {
+                    tracing::warn!(presence = %entry.presence_id, "database unavailable: presence row left open; the sweeper reaps it");
+                    return;
+                };
+                if let Err(e) = queries::close_presence(&mut conn, entry.presence_id, with_grace.then_some(grace)).await {
+                    tracing::warn!(presence = %entry.presence_id, error = %e, "could not close presence row");
+                }
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+/// Something happened that may let these members' drains push more.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WakeMembers(pub Vec<Uuid>);
+
+impl Handler<WakeMembers> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: WakeMembers, _: &mut Self::Context) {
+        self.count();
+        for member in msg.0 {
+            if let Some(drain) = self.drains.get(&member) {
+                drain.do_send(drain::Wake);
+            }
+        }
+    }
+}
+
+/// The sweeper cleared leases or dead-lettered deliveries.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reclaimed(pub Vec<queries::Swept>);
+
+impl Handler<Reclaimed> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Reclaimed, _: &mut Self::Context) {
+        self.count();
+        let mut by_member: HashMap<Uuid, Vec<i64>> = HashMap::new();
+        for row in msg.0 {
+            by_member.entry(row.recipient_member_id).or_default().push(row.id);
+        }
+        for (member, ids) in by_member {
+            if let Some(drain) = self.drains.get(&member) {
+                drain.do_send(drain::Reclaimed(ids));
+            }
+        }
+    }
+}
+
+/// Closed connections whose grace windows the sweeper ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct GraceEnded(pub Vec<queries::GraceEnded>);
+
+impl Handler<GraceEnded> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: GraceEnded, _: &mut Self::Context) {
+        self.count();
+        for gone in msg.0 {
+            let push = json!({
+                "type": "push", "subtype": "system", "event": "peer_left",
+                "messageId": Uuid::new_v4().to_string(), "meshId": gone.mesh_id.to_string(),
+                "senderPubkey": "system", "priority": "low", "nonce": "", "ciphertext": "",
+                "createdAt": protocol::iso(chrono::Utc::now()),
+                "eventData": {"name": gone.display_name, "pubkey": gone.pubkey,
+                              "peerRole": Role::parse(&gone.role).unwrap_or(Role::Session)},
+            });
+            self.broadcast_system(gone.mesh_id, gone.member_id, &push.to_string());
+        }
+    }
+}
+
+/// A connection changed something peers or its drain care about.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub enum Changed {
+    /// Its status (already written to the database): the gate may open.
+    Status { presence_id: Uuid },
+    Visible { presence_id: Uuid, visible: bool },
+    Groups { presence_id: Uuid, groups: Vec<Group> },
+}
+
+impl Handler<Changed> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Changed, _: &mut Self::Context) {
+        self.count();
+        match msg {
+            Changed::Status { presence_id } => {
+                if let Some(c) = self.conns.get(&presence_id) {
+                    if let Some(drain) = self.drains.get(&c.member_id) {
+                        drain.do_send(drain::Wake);
+                    }
+                }
+            }
+            Changed::Visible { presence_id, visible } => {
+                let Some(c) = self.conns.get_mut(&presence_id) else { return };
+                if c.visible == visible {
+                    return;
+                }
+                c.visible = visible;
+                let c = c.clone();
+                self.announce(&c, if visible { "peer_visible" } else { "peer_hidden" });
+            }
+            Changed::Groups { presence_id, groups } => {
+                if let Some(c) = self.conns.get_mut(&presence_id) {
+                    c.groups = groups;
+                }
+            }
+        }
+    }
+}
+
+/// Which connections an admin's `kick` / `disconnect` names.
+#[derive(Debug, Clone)]
+pub enum KickSelector {
+    Target(String),
+    All,
+    /// Silent for longer than this many milliseconds.
+    Stale(i64),
+}
+
+/// An admin's `kick` (skips control-plane, 4001) or `disconnect` (1000).
+#[derive(Message)]
+#[rtype(result = "KickOutcome")]
+pub struct Kick {
+    pub mesh_id: Uuid,
+    pub asker: Uuid,
+    pub selector: KickSelector,
+    pub skip_control_plane: bool,
+}
+
+#[derive(Debug, Default, MessageResponse)]
+pub struct KickOutcome {
+    pub kicked: Vec<String>,
+    pub affected: Vec<String>,
+    pub skipped_control_plane: Vec<String>,
+}
+
+impl Handler<Kick> for Registry {
+    type Result = KickOutcome;
+
+    fn handle(&mut self, msg: Kick, _: &mut Self::Context) -> KickOutcome {
+        self.count();
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut out = KickOutcome::default();
+        for c in self.conns.values() {
+            if c.mesh_id != msg.mesh_id || c.presence_id == msg.asker {
+                continue;
+            }
+            let matches = match &msg.selector {
+                KickSelector::All => true,
+                KickSelector::Stale(ms) => now - c.last_seen.load(Relaxed) > *ms,
+                KickSelector::Target(t) => {
+                    c.display_name == *t
+                        || c.member_pubkey == *t
+                        || (t.len() >= 4
+                            && (c.member_pubkey.starts_with(t.as_str())
+                                || c.session_pubkey.as_deref().is_some_and(|p| p.starts_with(t.as_str()))))
+                }
+            };
+            if !matches {
+                continue;
+            }
+            out.affected.push(c.display_name.clone());
+            if msg.skip_control_plane && c.role == Role::ControlPlane {
+                out.skipped_control_plane.push(c.display_name.clone());
+                continue;
+            }
+            let (code, reason) = if msg.skip_control_plane { (4001, "kicked") } else { (1000, "disconnected") };
+            c.addr.do_send(CloseConn { code, reason: reason.into() });
+            out.kicked.push(c.display_name.clone());
+        }
+        out
+    }
+}
+
+/// Graceful shutdown: release this broker's leases, close its presence
+/// rows, and close every socket with 1001.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+impl Handler<Shutdown> for Registry {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: Shutdown, _: &mut Self::Context) -> Self::Result {
+        self.count();
+        self.shutting_down = true;
+        let shared = self.shared.clone();
+        let node = shared.node_id.0;
+        let grace = shared.config.presence.grace.get();
+        Box::pin(
+            async move {
+                match shared.pool.get().await {
+                    Ok(mut conn) => {
+                        match queries::release_node_claims(&mut conn, node).await {
+                            Ok(n) => tracing::info!(released = n, "released this broker's unacked leases"),
+                            Err(e) => tracing::warn!(error = %e, "could not release leases; they expire instead"),
+                        }
+                        if let Err(e) = queries::close_node_presence(&mut conn, node, grace).await {
+                            tracing::warn!(error = %e, "could not close presence rows");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "database unavailable at shutdown; leases expire instead"),
+                }
+            }
+            .into_actor(self)
+            .map(|_, act, _| {
+                for c in act.conns.values() {
+                    c.addr.do_send(CloseConn {
+                        code: 1001,
+                        reason: "broker shutting down".into(),
+                    });
+                }
+            }),
+        )
+    }
+}

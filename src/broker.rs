@@ -1,0 +1,128 @@
+//! Starting and stopping one broker: the singleton actors (registry,
+//! supervised sweeper) are started once, here, before the HTTP server whose
+//! workers share them through `web::Data`.
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, Addr, Supervisor};
+use actix_web::dev::ServerHandle;
+use actix_web::{web, App, HttpServer};
+
+use crate::actors::registry::{self, Registry};
+use crate::actors::sweeper::Sweeper;
+use crate::actors::{RateLimiter, Shared};
+use crate::config::Config;
+use crate::db::{queries, Pool};
+use crate::http::{self, AppState};
+use crate::ids::NodeId;
+use crate::metrics::Metrics;
+
+/// How long shutdown waits for sockets to close before it stops the server.
+const CLOSE_WAIT: Duration = Duration::from_secs(3);
+
+/// A running broker.
+pub struct Broker {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    registry: Addr<Registry>,
+    _sweeper: Addr<Sweeper>,
+    sweeper_fail_next: Arc<AtomicBool>,
+    server: ServerHandle,
+    server_task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Starts a broker on `listener`; must run inside an actix `System`.
+pub async fn start(config: Arc<Config>, pool: Pool, listener: TcpListener) -> anyhow::Result<Broker> {
+    let local_addr = listener.local_addr()?;
+    let shared = Arc::new(Shared {
+        send_limits: RateLimiter::new(config.limits.send_burst, config.limits.send_per_sec),
+        config: config.clone(),
+        pool,
+        metrics: Arc::new(Metrics::new()),
+        node_id: NodeId::new(),
+    });
+    let registry = Registry::new(shared.clone()).start();
+    let fail_next = Arc::new(AtomicBool::new(false));
+    let sweeper = {
+        let (shared, registry, fail_next) = (shared.clone(), registry.clone(), fail_next.clone());
+        Supervisor::start(move |_| Sweeper::new(shared, registry, fail_next))
+    };
+    let state = web::Data::new(AppState::new(shared.clone(), registry.clone()));
+    let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
+        .listen(listener)?
+        .disable_signals()
+        .shutdown_timeout(2)
+        .run();
+    let handle = server.handle();
+    let server_task = actix_web::rt::spawn(server);
+    tracing::info!(listen = %local_addr, node = %shared.node_id, "meshbroker is serving");
+    Ok(Broker {
+        local_addr,
+        shared,
+        registry,
+        _sweeper: sweeper,
+        sweeper_fail_next: fail_next,
+        server: handle,
+        server_task,
+    })
+}
+
+impl Broker {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.shared.node_id
+    }
+
+    /// Makes the sweeper's next pass fail, as a database error would: the
+    /// supervisor restarts it.
+    pub fn inject_sweeper_failure(&self) {
+        self.sweeper_fail_next.store(true, Ordering::SeqCst);
+    }
+
+    /// What SIGTERM does: stop accepting, release this broker's unacked
+    /// leases (so redelivery does not wait for them to expire), mark its
+    /// presence rows disconnected, close sockets with 1001, stop the server.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down");
+        self.server.pause().await;
+        if self.registry.send(registry::Shutdown).await.is_err() {
+            tracing::warn!("registry already stopped");
+        }
+        // Sessions release their own claims as they stop; wait for them,
+        // then release whatever a drain claimed in between.
+        let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
+        while self.shared.metrics.live_sessions() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Ok(mut conn) = self.shared.pool.get().await {
+            let _ = queries::release_node_claims(&mut conn, self.shared.node_id.0).await;
+        }
+        self.server.stop(true).await;
+        let _ = self.server_task.await;
+        tracing::info!("stopped");
+    }
+}
+
+/// Runs a broker until `shutdown` resolves, then stops it gracefully.
+pub async fn run(
+    config: Arc<Config>,
+    pool: Pool,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let broker = start(config, pool, listener).await?;
+    shutdown.await;
+    broker.shutdown().await;
+    Ok(())
+}

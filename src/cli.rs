@@ -1,0 +1,519 @@
+//! The `meshbroker` command line: `serve`, `migrate`, the admin commands,
+//! `print-config` and a small protocol client.
+//!
+//! Every failure ends as one line on stderr, `meshbroker: error: …`, and a
+//! non-zero exit code.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::{redact_url, Config, LogFormat};
+use crate::db::embedded::{self, EmbeddedPostgres};
+use crate::ids::MeshId;
+use crate::{admin, db};
+
+/// Where `--config` points when neither the flag nor the variable is given.
+pub const DEFAULT_CONFIG: &str = "config/meshbroker.toml";
+
+#[derive(Debug, Parser)]
+#[command(name = "meshbroker", version, about = "A message broker for meshes of AI agent sessions")]
+struct Cli {
+    /// Configuration file [default: config/meshbroker.toml; missing means defaults]
+    #[arg(long, global = true, value_name = "PATH", env = "MESHBROKER_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker until SIGTERM or SIGINT.
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Manage meshes.
+    #[command(subcommand)]
+    Mesh(MeshCommand),
+    /// Manage a mesh's members.
+    #[command(subcommand)]
+    Member(MemberCommand),
+    /// Print the effective configuration (secrets redacted).
+    PrintConfig,
+    /// Talk to a running broker as a member.
+    #[command(subcommand)]
+    Client(ClientCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum MeshCommand {
+    /// Create a mesh and print its id.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MemberCommand {
+    /// Add a member; without --pubkey a key pair is generated and its secret
+    /// key printed once.
+    Add {
+        #[arg(long, value_name = "MESH_ID")]
+        mesh: String,
+        #[arg(long)]
+        name: String,
+        /// The member's ed25519 public key, 64 hex chars.
+        #[arg(long, value_name = "HEX")]
+        pubkey: Option<String>,
+        /// May use the admin frames.
+        #[arg(long)]
+        admin: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a member's key.
+    Revoke {
+        #[arg(long, value_name = "MESH_ID")]
+        mesh: String,
+        #[arg(long, value_name = "HEX")]
+        pubkey: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a mesh's members, revoked ones included.
+    List {
+        #[arg(long, value_name = "MESH_ID")]
+        mesh: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClientCommand {
+    /// Print each message pushed to this member as a JSON line.
+    Listen(ClientFlags),
+    /// Send one message and print its ack.
+    Send {
+        #[command(flatten)]
+        flags: ClientFlags,
+        /// Recipient: a pubkey, or a target spec such as `*` or `@group`.
+        #[arg(long, value_name = "PUBKEY_OR_SPEC")]
+        to: String,
+        #[arg(long)]
+        text: String,
+        #[arg(long, value_enum, default_value_t = Priority::Next)]
+        priority: Priority,
+        #[arg(long, value_name = "ID")]
+        client_message_id: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ClientFlags {
+    #[arg(long, value_name = "MESH_ID")]
+    mesh: String,
+    #[arg(long, value_name = "MEMBER_ID")]
+    member_id: String,
+    /// The member's secret key, 64 or 128 hex chars.
+    #[arg(long, value_name = "HEX", env = "MESHBROKER_SECRET_KEY", hide_env_values = true)]
+    secret_key: String,
+    /// Broker WebSocket URL [default: ws://<server.listen>/ws]
+    #[arg(long)]
+    url: Option<String>,
+    /// Connect as a fresh session attested by the member (session_hello).
+    #[arg(long)]
+    session: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Priority {
+    Now,
+    Next,
+    Low,
+}
+
+impl Priority {
+    fn as_str(self) -> &'static str {
+        match self {
+            Priority::Now => "now",
+            Priority::Next => "next",
+            Priority::Low => "low",
+        }
+    }
+}
+
+/// What `client listen|send` connect with; consumed by [`crate::client`].
+#[derive(Debug, Clone)]
+pub struct ClientArgs {
+    /// `ws://…/ws` of the broker.
+    pub url: String,
+    pub mesh_id: String,
+    pub member_id: String,
+    /// 64 or 128 hex chars.
+    pub secret_key: String,
+    /// Use session_hello with a fresh session key instead of hello.
+    pub session: bool,
+}
+
+/// Runs the command line; the whole of `main`.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshbroker: error: {}", error_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
+    let rendered = e.render().to_string();
+    let first = rendered.lines().next().unwrap_or("invalid arguments");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    eprintln!("meshbroker: error: {first} (see meshbroker --help)");
+    ExitCode::from(2)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let (path, explicit) = match &cli.config {
+        Some(path) => (path.clone(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG), false),
+    };
+    let config = Config::load(&path, explicit)?;
+    if let Command::PrintConfig = cli.command {
+        print!("{}", config.to_redacted_toml());
+        return Ok(());
+    }
+    init_logging(&config);
+    actix_web::rt::System::new().block_on(async move {
+        match cli.command {
+            Command::Serve => serve(config).await,
+            Command::Migrate => migrate(&config).await,
+            Command::Mesh(cmd) => mesh_command(&config, cmd).await,
+            Command::Member(cmd) => member_command(&config, cmd).await,
+            Command::Client(cmd) => client_command(&config, cmd).await,
+            Command::PrintConfig => unreachable!("handled above"),
+        }
+    })
+}
+
+/// Logs go to stderr so `--json` output on stdout stays clean.
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::new(&config.log.level);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    // Bind first: a taken port should fail before a cluster is started.
+    let listener = bind(config.server.listen)?;
+    let shutdown = shutdown_signal()?;
+    let (pool, mut embedded) = embedded::open(&config).await?;
+    tracing::info!(listen = %config.server.listen, "meshbroker listening");
+    let result = crate::broker::run(Arc::new(config), pool, listener, shutdown).await;
+    if let Some(pg) = embedded.as_mut() {
+        pg.stop();
+    }
+    result
+}
+
+fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).map_err(|e| {
+        let reason = match e.kind() {
+            std::io::ErrorKind::AddrInUse => "address in use".to_owned(),
+            std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
+            std::io::ErrorKind::AddrNotAvailable => "address not available on this host".to_owned(),
+            _ => e.to_string(),
+        };
+        anyhow!("cannot listen on {addr}: {reason} (set server.listen)")
+    })
+}
+
+/// Resolves on the first SIGTERM or SIGINT. The handlers are installed
+/// now, so a signal during startup is not lost.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!("{name} received, shutting down");
+    })
+}
+
+async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let (url, _embedded) = embedded::resolve(config).await?;
+    let ran = db::migrate(&url)
+        .await
+        .map_err(|e| anyhow!("database {}: {e}", redact_url(&url)))?;
+    println!("applied {ran} migration{}", if ran == 1 { "" } else { "s" });
+    Ok(())
+}
+
+/// One connection to the configured database, migrated. Keep the cluster
+/// handle alive while the connection is used.
+async fn admin_connection(
+    config: &Config,
+) -> anyhow::Result<(db::PgConn, Option<EmbeddedPostgres>)> {
+    let (url, embedded) = embedded::resolve(config).await?;
+    let redacted = redact_url(&url);
+    db::migrate(&url)
+        .await
+        .map_err(|e| anyhow!("database {redacted}: {e}"))?;
+    let conn = db::establish(&url)
+        .await
+        .map_err(|e| anyhow!("cannot connect to database {redacted}: {e}"))?;
+    Ok((conn, embedded))
+}
+
+fn parse_mesh_id(s: &str) -> anyhow::Result<MeshId> {
+    s.trim()
+        .parse()
+        .map_err(|_| anyhow!("--mesh {s:?} is not a mesh id (a UUID, as printed by `meshbroker mesh create`)"))
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(value)?);
+    Ok(())
+}
+
+async fn mesh_command(config: &Config, cmd: MeshCommand) -> anyhow::Result<()> {
+    match cmd {
+        MeshCommand::Create { name, json } => {
+            let (mut conn, _embedded) = admin_connection(config).await?;
+            let mesh = admin::create_mesh(&mut conn, &name).await?;
+            if json {
+                print_json(&mesh)?;
+            } else {
+                println!("created mesh {:?}: {}", mesh.name, mesh.id);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn member_command(config: &Config, cmd: MemberCommand) -> anyhow::Result<()> {
+    match cmd {
+        MemberCommand::Add {
+            mesh,
+            name,
+            pubkey,
+            admin: is_admin,
+            json,
+        } => {
+            let mesh_id = parse_mesh_id(&mesh)?;
+            if let Some(key) = &pubkey {
+                admin::normalize_pubkey(key).map_err(|e| anyhow!("--pubkey: {e}"))?;
+            }
+            let (mut conn, _embedded) = admin_connection(config).await?;
+            let m = admin::add_member(&mut conn, mesh_id, &name, pubkey.as_deref(), is_admin).await?;
+            if json {
+                print_json(&m)?;
+            } else {
+                println!("added member {:?} to mesh {}", m.name, m.mesh_id);
+                println!("member id:  {}", m.id);
+                println!("pubkey:     {}", m.pubkey);
+                println!("admin:      {}", if m.admin { "yes" } else { "no" });
+                if let Some(secret) = &m.secret_key {
+                    println!("secret key: {secret}");
+                    eprintln!("warning: the secret key is shown only this once and is not stored by the broker; keep it safe");
+                }
+            }
+        }
+        MemberCommand::Revoke { mesh, pubkey, json } => {
+            let mesh_id = parse_mesh_id(&mesh)?;
+            let (mut conn, _embedded) = admin_connection(config).await?;
+            let m = admin::revoke_member(&mut conn, mesh_id, &pubkey).await?;
+            if json {
+                print_json(&m)?;
+            } else {
+                let at = m.revoked_at.map(|t| t.to_rfc3339()).unwrap_or_default();
+                println!("revoked member {:?} ({}) in mesh {} at {at}", m.name, m.pubkey, m.mesh_id);
+            }
+        }
+        MemberCommand::List { mesh, json } => {
+            let mesh_id = parse_mesh_id(&mesh)?;
+            let (mut conn, _embedded) = admin_connection(config).await?;
+            let members = admin::list_members(&mut conn, mesh_id).await?;
+            if json {
+                print_json(&members)?;
+            } else if members.is_empty() {
+                println!("mesh {mesh_id} has no members");
+            } else {
+                println!("{:<36}  {:<64}  {:<5}  {:<8}  NAME", "ID", "PUBKEY", "ADMIN", "STATUS");
+                for m in &members {
+                    let status = if m.revoked_at.is_some() { "revoked" } else { "active" };
+                    let admin = if m.admin { "yes" } else { "no" };
+                    println!("{:<36}  {:<64}  {admin:<5}  {status:<8}  {}", m.id, m.pubkey, m.name);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn client_command(config: &Config, cmd: ClientCommand) -> anyhow::Result<()> {
+    match cmd {
+        ClientCommand::Listen(flags) => {
+            let args = client_args(config, flags);
+            crate::client::cli_listen(&args).await
+        }
+        ClientCommand::Send {
+            flags,
+            to,
+            text,
+            priority,
+            client_message_id,
+        } => {
+            let args = client_args(config, flags);
+            crate::client::cli_send(&args, &to, &text, priority.as_str(), client_message_id.as_deref())
+                .await
+        }
+    }
+}
+
+fn client_args(config: &Config, flags: ClientFlags) -> ClientArgs {
+    ClientArgs {
+        url: flags.url.unwrap_or_else(|| default_ws_url(config.server.listen)),
+        mesh_id: flags.mesh,
+        member_id: flags.member_id,
+        secret_key: flags.secret_key,
+        session: flags.session,
+    }
+}
+
+/// `ws://<server.listen>/ws`, with a wildcard listen address replaced by
+/// loopback (one cannot connect to 0.0.0.0 portably).
+fn default_ws_url(listen: SocketAddr) -> String {
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("ws://{}/ws", SocketAddr::new(ip, listen.port()))
+}
+
+/// The error and its causes on one line, skipping a cause the message
+/// already quotes (thiserror messages often embed their source).
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    one_line(&line)
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn shipped_config_parses_to_the_defaults() {
+        let mut shipped = Config::load(Path::new(DEFAULT_CONFIG), true).unwrap();
+        // MESHBROKER_DATABASE_URL may be set in the environment of the tests.
+        shipped.database.url = None;
+        let default = Config::default();
+        assert_eq!(shipped.server.listen, default.server.listen);
+        assert_eq!(shipped.database.url, None);
+        assert_eq!(shipped.database.pool_size, default.database.pool_size);
+        assert_eq!(shipped.storage.data_dir, default.storage.data_dir);
+        assert_eq!(shipped.delivery.lease, default.delivery.lease);
+        assert_eq!(shipped.delivery.message_ttl, default.delivery.message_ttl);
+        assert_eq!(shipped.presence.grace, default.presence.grace);
+        assert_eq!(shipped.limits.max_frame_bytes, default.limits.max_frame_bytes);
+        assert_eq!(shipped.log.level, default.log.level);
+        assert_eq!(shipped.log.format, default.log.format);
+        // Every key is spelled out, so the file and the defaults agree fully.
+        assert_eq!(shipped.to_redacted_toml(), default.to_redacted_toml());
+    }
+
+    #[test]
+    fn commands_parse() {
+        Cli::command_for_tests().debug_assert();
+        let cli = Cli::try_parse_from([
+            "meshbroker", "member", "add", "--mesh", "m", "--name", "a", "--admin", "--json",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Command::Member(MemberCommand::Add { admin: true, json: true, .. })));
+        let cli = Cli::try_parse_from([
+            "meshbroker", "client", "send", "--mesh", "m", "--member-id", "x", "--secret-key", "k",
+            "--to", "*", "--text", "hi", "--priority", "now", "--config", "c.toml",
+        ])
+        .unwrap();
+        assert_eq!(cli.config.as_deref(), Some(Path::new("c.toml")));
+        assert!(Cli::try_parse_from(["meshbroker", "client", "send", "--priority", "soon"]).is_err());
+    }
+
+    #[test]
+    fn error_causes_are_not_repeated() {
+        let err = Config::load(Path::new("/nonexistent/x.toml"), true).unwrap_err();
+        let line = error_line(&anyhow::Error::from(err));
+        assert_eq!(line.matches("No such file").count(), 1, "{line}");
+        assert!(line.starts_with("cannot read config file /nonexistent/x.toml"), "{line}");
+    }
+
+    #[test]
+    fn ws_url_defaults_to_the_listen_address() {
+        assert_eq!(default_ws_url("127.0.0.1:7900".parse().unwrap()), "ws://127.0.0.1:7900/ws");
+        assert_eq!(default_ws_url("0.0.0.0:80".parse().unwrap()), "ws://127.0.0.1:80/ws");
+        assert_eq!(default_ws_url("[::]:7900".parse().unwrap()), "ws://[::1]:7900/ws");
+    }
+
+    #[test]
+    fn bad_mesh_id_is_one_clear_line() {
+        let err = parse_mesh_id("nope").unwrap_err().to_string();
+        assert!(err.starts_with("--mesh \"nope\" is not a mesh id"), "{err}");
+    }
+
+    impl Cli {
+        fn command_for_tests() -> clap::Command {
+            <Cli as clap::CommandFactory>::command()
+        }
+    }
+}

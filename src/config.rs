@@ -1,0 +1,488 @@
+//! The broker's configuration: a TOML file, validated once at load.
+//!
+//! Every key has a default, so an empty file (or none at all) is a working
+//! configuration. Unknown keys are refused by name so a typo never silently
+//! falls back to a default.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Environment variable that overrides `database.url`.
+pub const DATABASE_URL_ENV: &str = "MESHBROKER_DATABASE_URL";
+
+/// Errors a user sees when the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: key {key} = {value}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub storage: StorageConfig,
+    pub delivery: DeliveryConfig,
+    pub sweeper: SweeperConfig,
+    pub presence: PresenceConfig,
+    pub limits: LimitsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the HTTP and WebSocket listener binds.
+    pub listen: SocketAddr,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7900".parse().expect("valid default address"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// PostgreSQL URL; unset means the embedded cluster under `storage.data_dir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Size of the bb8 pool shared by sessions, drains and the sweeper.
+    pub pool_size: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            pool_size: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Runtime data; the embedded PostgreSQL cluster lives in `<data_dir>/pg`.
+    pub data_dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./var"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// How long a claimed delivery waits for its `client_ack` before it is
+    /// eligible again.
+    pub lease: Dur,
+    /// Unacknowledged pushes allowed on one connection.
+    pub max_in_flight: u32,
+    /// Rows one claim UPDATE takes at most.
+    pub claim_batch: u32,
+    /// Pushes without an ack before a delivery is dead-lettered.
+    pub max_attempts: u32,
+    /// A message older than this is never pushed.
+    pub message_ttl: Dur,
+    /// How long a `client_message_id` stays reserved for its sender.
+    pub dedupe_window: Dur,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            lease: Dur::secs(30),
+            max_in_flight: 256,
+            claim_batch: 64,
+            max_attempts: 10,
+            message_ttl: Dur::secs(7 * 24 * 3600),
+            dedupe_window: Dur::secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SweeperConfig {
+    /// Period of the sweeper's pass over expired leases and grace windows.
+    pub interval: Dur,
+}
+
+impl Default for SweeperConfig {
+    fn default() -> Self {
+        Self {
+            interval: Dur::secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// How long a closed connection stays listed and can be taken over.
+    pub grace: Dur,
+    /// Period of the broker's WebSocket pings.
+    pub ping_interval: Dur,
+    /// Silence after which a connection is closed.
+    pub pong_timeout: Dur,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            grace: Dur::secs(90),
+            ping_interval: Dur::secs(30),
+            pong_timeout: Dur::secs(75),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest WebSocket frame accepted; larger closes with 1009.
+    pub max_frame_bytes: usize,
+    /// Largest `nonce + ciphertext + targetSpec` of one send.
+    pub max_message_bytes: usize,
+    /// Token bucket size of a member's sends.
+    pub send_burst: u32,
+    /// Token bucket refill rate of a member's sends.
+    pub send_per_sec: u32,
+    /// Live connections one mesh may hold.
+    pub max_connections_per_mesh: u32,
+    /// Allowed clock difference of a hello's timestamp.
+    pub hello_skew: Dur,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 262_144,
+            max_message_bytes: 65_536,
+            send_burst: 200,
+            send_per_sec: 100,
+            max_connections_per_mesh: 1000,
+            hello_skew: Dur::secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug` or `trace` (or a tracing filter).
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    /// Loads `path`; a missing file at the default path yields the defaults,
+    /// a missing file that was asked for explicitly is an error.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => String::new(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
+        let mut config = Config::parse(&text, path)?;
+        if let Ok(url) = std::env::var(DATABASE_URL_ENV) {
+            if !url.is_empty() {
+                config.database.url = Some(url);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: one_line(&e),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, value: String, reason: &'static str| {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                key,
+                value,
+                reason,
+            })
+        };
+        let positive: [(&'static str, u64); 7] = [
+            ("database.pool_size", self.database.pool_size.into()),
+            ("delivery.max_in_flight", self.delivery.max_in_flight.into()),
+            ("delivery.claim_batch", self.delivery.claim_batch.into()),
+            ("delivery.max_attempts", self.delivery.max_attempts.into()),
+            ("limits.send_burst", self.limits.send_burst.into()),
+            ("limits.send_per_sec", self.limits.send_per_sec.into()),
+            (
+                "limits.max_connections_per_mesh",
+                self.limits.max_connections_per_mesh.into(),
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return invalid(key, value.to_string(), "must be at least 1");
+            }
+        }
+        let durations: [(&'static str, Dur); 8] = [
+            ("delivery.lease", self.delivery.lease),
+            ("delivery.message_ttl", self.delivery.message_ttl),
+            ("delivery.dedupe_window", self.delivery.dedupe_window),
+            ("sweeper.interval", self.sweeper.interval),
+            ("presence.ping_interval", self.presence.ping_interval),
+            ("presence.pong_timeout", self.presence.pong_timeout),
+            ("limits.hello_skew", self.limits.hello_skew),
+            ("presence.grace", self.presence.grace),
+        ];
+        for (key, value) in durations {
+            if value.0.is_zero() && key != "presence.grace" {
+                return invalid(key, value.to_string(), "must be longer than zero");
+            }
+        }
+        if self.presence.pong_timeout.0 <= self.presence.ping_interval.0 {
+            return invalid(
+                "presence.pong_timeout",
+                self.presence.pong_timeout.to_string(),
+                "must be longer than presence.ping_interval",
+            );
+        }
+        if self.limits.max_frame_bytes <= self.limits.max_message_bytes {
+            return invalid(
+                "limits.max_frame_bytes",
+                self.limits.max_frame_bytes.to_string(),
+                "must be larger than limits.max_message_bytes, so an oversized message is refused by its ack",
+            );
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return invalid(
+                "log.level",
+                self.log.level.clone(),
+                "not a log level (error, warn, info, debug, trace)",
+            );
+        }
+        if let Some(url) = &self.database.url {
+            if !(url.starts_with("postgres://")
+                || url.starts_with("postgresql://")
+                || url.contains('='))
+            {
+                return invalid(
+                    "database.url",
+                    redact_url(url),
+                    "expected postgres://… or postgresql://…",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, with secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.database.url = shown.database.url.as_deref().map(redact_url);
+        let body = toml::to_string_pretty(&shown).expect("config serializes");
+        if self.database.url.is_none() {
+            format!("# database.url is unset: the embedded PostgreSQL under storage.data_dir is used\n{body}")
+        } else {
+            body
+        }
+    }
+}
+
+/// Replaces the password of a database URL (or `password=` of a key/value
+/// connection string) with `***`.
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (auth, tail) = match rest.find('@') {
+            Some(at) => (&rest[..at], &rest[at..]),
+            None => return url.to_owned(),
+        };
+        if let Some((user, _password)) = auth.split_once(':') {
+            return format!("{scheme}://{user}:***{tail}");
+        }
+        return url.to_owned();
+    }
+    url.split_whitespace()
+        .map(|part| {
+            if part.starts_with("password=") {
+                "password=***".to_owned()
+            } else {
+                part.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn one_line(e: &toml::de::Error) -> String {
+    let mut message = e.message().to_owned();
+    if let Some(span) = e.span() {
+        message = format!("{message} (at byte {})", span.start);
+    }
+    message.replace('\n', " ")
+}
+
+/// A duration written as `"250ms"`, `"30s"`, `"10m"`, `"1h"` or `"7d"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub const fn secs(s: u64) -> Dur {
+        Dur(Duration::from_secs(s))
+    }
+    pub const fn millis(ms: u64) -> Dur {
+        Dur(Duration::from_millis(ms))
+    }
+    pub fn get(self) -> Duration {
+        self.0
+    }
+    /// As a chrono duration, for arithmetic with timestamps.
+    pub fn chrono(self) -> chrono::Duration {
+        chrono::Duration::from_std(self.0).unwrap_or(chrono::Duration::MAX)
+    }
+}
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(|| format!("duration {s:?} has no unit (use ms, s, m, h or d)"))?;
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("duration {s:?} must start with a whole number"))?;
+        let ms = match unit {
+            "ms" => Some(n),
+            "s" => n.checked_mul(1_000),
+            "m" => n.checked_mul(60_000),
+            "h" => n.checked_mul(3_600_000),
+            "d" => n.checked_mul(86_400_000),
+            _ => return Err(format!("duration {s:?} has unknown unit {unit:?} (use ms, s, m, h or d)")),
+        }
+        .ok_or_else(|| format!("duration {s:?} is too long"))?;
+        Ok(Dur(Duration::from_millis(ms)))
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        let units = [(86_400_000, "d"), (3_600_000, "h"), (60_000, "m"), (1_000, "s")];
+        for (size, unit) in units {
+            if ms >= size && ms % size == 0 {
+                return write!(f, "{}{unit}", ms / size);
+            }
+        }
+        write!(f, "{ms}ms")
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_round_trip() {
+        for (text, ms) in [("250ms", 250), ("30s", 30_000), ("10m", 600_000), ("7d", 604_800_000)] {
+            let d: Dur = text.parse().unwrap();
+            assert_eq!(d.0.as_millis(), ms);
+            assert_eq!(d.to_string(), text);
+        }
+        assert!("30".parse::<Dur>().is_err());
+        assert!("30x".parse::<Dur>().is_err());
+        assert!("-1s".parse::<Dur>().is_err());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("[delivery]\nleas = \"1s\"\n", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("leas"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_key_and_value() {
+        let err = Config::parse("[delivery]\nlease = \"soon\"\n", Path::new("c.toml")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("soon"), "{text}");
+        let err = Config::parse("[delivery]\nmax_in_flight = 0\n", Path::new("c.toml")).unwrap_err();
+        assert!(err.to_string().contains("delivery.max_in_flight"), "{err}");
+    }
+
+    #[test]
+    fn password_is_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("host=/tmp password=x user=u"), "host=/tmp password=*** user=u");
+        let mut c = Config::default();
+        c.database.url = Some("postgres://u:secret@h/db".into());
+        assert!(!c.to_redacted_toml().contains("secret"));
+    }
+}

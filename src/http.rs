@@ -1,0 +1,154 @@
+//! The listener's routes: `/ws` (the protocol), `/health`, `/health/ready`,
+//! `/metrics` and `/hook/set-status`. Anything else is 404.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use actix::Addr;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web_actors::ws;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::actors::registry::{self, Registry};
+use crate::actors::session::WsSession;
+use crate::actors::{RateLimiter, Shared};
+use crate::db::{self, queries};
+use crate::metrics::PoolState;
+
+/// Hook requests one source address may make: burst, then per second.
+const HOOK_BURST: u32 = 50;
+const HOOK_PER_SEC: u32 = 20;
+
+/// What every route handler gets.
+pub struct AppState {
+    pub shared: Arc<Shared>,
+    pub registry: Addr<Registry>,
+    pub hook_limits: RateLimiter<IpAddr>,
+}
+
+impl AppState {
+    pub fn new(shared: Arc<Shared>, registry: Addr<Registry>) -> Self {
+        AppState { shared, registry, hook_limits: RateLimiter::new(HOOK_BURST, HOOK_PER_SEC) }
+    }
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/ws", web::get().to(websocket))
+        .route("/health", web::get().to(health))
+        .route("/health/ready", web::get().to(ready))
+        .route("/metrics", web::get().to(metrics))
+        .route("/hook/set-status", web::post().to(hook_set_status));
+}
+
+/// Upgrades to the protocol. permessage-deflate is never negotiated: the
+/// handshake answers without a `Sec-WebSocket-Extensions` header.
+async fn websocket(req: HttpRequest, stream: web::Payload, state: web::Data<AppState>) -> actix_web::Result<HttpResponse> {
+    let session = WsSession::new(state.shared.clone(), state.registry.clone());
+    ws::WsResponseBuilder::new(session, &req, stream)
+        .frame_size(state.shared.config.limits.max_frame_bytes)
+        .start()
+}
+
+async fn health(state: web::Data<AppState>) -> HttpResponse {
+    let db_up = match state.shared.pool.get().await {
+        Ok(mut conn) => diesel_async::RunQueryDsl::execute(diesel::sql_query("SELECT 1"), &mut *conn).await.is_ok(),
+        Err(_) => false,
+    };
+    HttpResponse::Ok().json(json!({
+        "status": "ok",
+        "db": if db_up { "up" } else { "down" },
+        "version": env!("CARGO_PKG_VERSION"),
+        "node": state.shared.node_id,
+    }))
+}
+
+async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    let reason = match state.shared.pool.get().await {
+        Err(_) => Some("database unreachable"),
+        Ok(mut conn) => match db::migrations_current(&mut conn).await {
+            Ok(true) => None,
+            Ok(false) => Some("migrations missing"),
+            Err(_) => Some("database unreachable"),
+        },
+    };
+    match reason {
+        None => HttpResponse::Ok().json(json!({"ready": true})),
+        Some(why) => HttpResponse::ServiceUnavailable().json(json!({"ready": false, "reason": why})),
+    }
+}
+
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let shared = &state.shared;
+    let queue = match shared.pool.get().await {
+        Ok(mut conn) => queries::queue_depth(&mut conn).await.ok(),
+        Err(_) => None,
+    };
+    let s = shared.pool.state();
+    let pool = PoolState { idle: s.idle_connections, in_use: s.connections - s.idle_connections };
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(shared.metrics.render(queue, pool))
+}
+
+#[derive(Deserialize)]
+struct HookBody {
+    #[serde(default)]
+    cwd: Option<String>,
+    #[serde(default)]
+    pid: Option<i64>,
+    status: String,
+    #[serde(default)]
+    session_id: Option<String>,
+}
+
+/// claudemesh's Claude Code hooks: set a session's status by `session_id`
+/// (or, from loopback only, by pid/cwd). A `dnd` status is left alone.
+async fn hook_set_status(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+    let fail = |status: actix_web::http::StatusCode, error: &str| {
+        HttpResponse::build(status).json(json!({"ok": false, "error": error}))
+    };
+    use actix_web::http::StatusCode;
+    let peer = req.peer_addr().map(|a| a.ip());
+    if let Some(ip) = peer {
+        if !state.hook_limits.allow(&ip) {
+            return fail(StatusCode::TOO_MANY_REQUESTS, "rate_limit");
+        }
+    }
+    if body.len() > state.shared.config.limits.max_message_bytes {
+        return fail(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    }
+    let Ok(hook) = serde_json::from_slice::<HookBody>(&body) else {
+        return fail(StatusCode::BAD_REQUEST, "invalid: expected {\"status\",\"session_id\"}");
+    };
+    if !matches!(hook.status.as_str(), "idle" | "working" | "dnd") {
+        return fail(StatusCode::BAD_REQUEST, "invalid: status must be idle, working or dnd");
+    }
+    let loopback = peer.is_some_and(|ip| ip.is_loopback());
+    let Ok(mut conn) = state.shared.pool.get().await else {
+        return fail(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    };
+    let found = match (&hook.session_id, loopback) {
+        (Some(sid), _) if !sid.is_empty() => queries::live_sessions_by_session_id(&mut conn, sid).await,
+        (_, true) if hook.pid.is_some() || hook.cwd.is_some() => {
+            queries::live_sessions_by_process(&mut conn, hook.pid, hook.cwd.as_deref()).await
+        }
+        (_, false) => return fail(StatusCode::FORBIDDEN, "forbidden: session_id required from a non-loopback peer"),
+        _ => return fail(StatusCode::BAD_REQUEST, "invalid: session_id required"),
+    };
+    let Ok(found) = found else {
+        return fail(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    };
+    let Some((presence_id, current)) = found.into_iter().next() else {
+        return fail(StatusCode::NOT_FOUND, "not_found: no live session with that session_id");
+    };
+    if current == "dnd" {
+        return HttpResponse::Ok().json(json!({"ok": true, "presence_id": presence_id, "unchanged": "dnd"}));
+    }
+    if queries::set_status(&mut conn, presence_id, &hook.status).await.is_err() {
+        return fail(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    }
+    drop(conn);
+    state.registry.do_send(registry::Changed::Status { presence_id });
+    HttpResponse::Ok().json(json!({"ok": true, "presence_id": presence_id}))
+}

@@ -1,0 +1,351 @@
+//! Prometheus metrics: lock-free counters the actors bump, rendered as text
+//! by `GET /metrics` together with a few gauges read at scrape time (queue
+//! depth from the database, pool state).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+use crate::ids::Role;
+
+/// The actor kinds the metrics count, one label value each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActorKind {
+    Session,
+    Drain,
+    Sweeper,
+    Registry,
+}
+
+impl ActorKind {
+    const ALL: [ActorKind; 4] = [
+        ActorKind::Session,
+        ActorKind::Drain,
+        ActorKind::Sweeper,
+        ActorKind::Registry,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            ActorKind::Session => "session",
+            ActorKind::Drain => "drain",
+            ActorKind::Sweeper => "sweeper",
+            ActorKind::Registry => "registry",
+        }
+    }
+}
+
+const PRIORITIES: [&str; 3] = ["now", "next", "low"];
+
+fn role_index(role: Role) -> usize {
+    match role {
+        Role::ControlPlane => 0,
+        Role::Session => 1,
+        Role::Service => 2,
+    }
+}
+
+/// A counter family keyed by one free label value (a reason).
+#[derive(Default)]
+struct Labeled(Mutex<BTreeMap<&'static str, u64>>);
+
+impl Labeled {
+    fn inc(&self, label: &'static str) {
+        *self.0.lock().expect("metrics lock").entry(label).or_default() += 1;
+    }
+    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let map = self.0.lock().expect("metrics lock");
+        map.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+}
+
+/// Upper bounds (seconds) of the latency histograms' buckets.
+const BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// A fixed-bucket histogram; sums kept in microseconds to stay atomic.
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn new() -> Self {
+        Histogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+    fn observe(&self, seconds: f64) {
+        let seconds = seconds.max(0.0);
+        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
+            if seconds <= *bound {
+                bucket.fetch_add(1, Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add((seconds * 1e6) as u64, Relaxed);
+    }
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", bucket.load(Relaxed));
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// Everything `/metrics` shows that the broker counts itself.
+pub struct Metrics {
+    connections: [AtomicI64; 3],
+    connections_total: [AtomicU64; 3],
+    connections_rejected: Labeled,
+    messages_accepted: [AtomicU64; 3],
+    messages_rejected: Labeled,
+    pub deliveries_claimed: AtomicU64,
+    pub deliveries_pushed: AtomicU64,
+    pub deliveries_acked: AtomicU64,
+    pub deliveries_redelivered: AtomicU64,
+    pub leases_expired: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub sweeper_runs: AtomicU64,
+    delivery_seconds: Histogram,
+    push_seconds: Histogram,
+    actors: [AtomicI64; 4],
+    actor_messages: [AtomicU64; 4],
+    actor_restarts: [AtomicU64; 4],
+}
+
+/// Queue depth by state, read from the database at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueDepth {
+    pub pending: i64,
+    pub claimed: i64,
+    pub dead: i64,
+}
+
+/// Pool connections by state, read at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PoolState {
+    pub idle: u32,
+    pub in_use: u32,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Metrics {
+            connections: Default::default(),
+            connections_total: Default::default(),
+            connections_rejected: Labeled::default(),
+            messages_accepted: Default::default(),
+            messages_rejected: Labeled::default(),
+            deliveries_claimed: AtomicU64::new(0),
+            deliveries_pushed: AtomicU64::new(0),
+            deliveries_acked: AtomicU64::new(0),
+            deliveries_redelivered: AtomicU64::new(0),
+            leases_expired: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            sweeper_runs: AtomicU64::new(0),
+            delivery_seconds: Histogram::new(),
+            push_seconds: Histogram::new(),
+            actors: Default::default(),
+            actor_messages: Default::default(),
+            actor_restarts: Default::default(),
+        }
+    }
+
+    pub fn connection_opened(&self, role: Role) {
+        self.connections[role_index(role)].fetch_add(1, Relaxed);
+        self.connections_total[role_index(role)].fetch_add(1, Relaxed);
+    }
+    pub fn connection_closed(&self, role: Role) {
+        self.connections[role_index(role)].fetch_sub(1, Relaxed);
+    }
+    pub fn connection_rejected(&self, reason: &'static str) {
+        self.connections_rejected.inc(reason);
+    }
+    pub fn message_accepted(&self, priority: &str) {
+        if let Some(i) = PRIORITIES.iter().position(|p| *p == priority) {
+            self.messages_accepted[i].fetch_add(1, Relaxed);
+        }
+    }
+    pub fn message_rejected(&self, reason: &'static str) {
+        self.messages_rejected.inc(reason);
+    }
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+    pub fn observe_delivery(&self, seconds: f64) {
+        self.delivery_seconds.observe(seconds);
+    }
+    pub fn observe_first_push(&self, seconds: f64) {
+        self.push_seconds.observe(seconds);
+    }
+    pub fn actor_started(&self, kind: ActorKind) {
+        self.actors[kind as usize].fetch_add(1, Relaxed);
+    }
+    pub fn actor_stopped(&self, kind: ActorKind) {
+        self.actors[kind as usize].fetch_sub(1, Relaxed);
+    }
+    pub fn actor_message(&self, kind: ActorKind) {
+        self.actor_messages[kind as usize].fetch_add(1, Relaxed);
+    }
+    pub fn actor_restarted(&self, kind: ActorKind) {
+        self.actor_restarts[kind as usize].fetch_add(1, Relaxed);
+    }
+    /// Session actors alive now (connections, with or without a hello).
+    pub fn live_sessions(&self) -> i64 {
+        self.actors[ActorKind::Session as usize].load(Relaxed)
+    }
+    pub fn actor_restarts(&self, kind: ActorKind) -> u64 {
+        self.actor_restarts[kind as usize].load(Relaxed)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, queue: Option<QueueDepth>, pool: PoolState) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        let by_role = |out: &mut String, name: &str, kind: &str, help: &str, v: [i64; 3]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for role in Role::ALL {
+                let _ = writeln!(out, "{name}{{role=\"{role}\"}} {}", v[role_index(role)]);
+            }
+        };
+        by_role(
+            &mut out,
+            "meshbroker_connections",
+            "gauge",
+            "Live WebSocket connections past hello, by role.",
+            std::array::from_fn(|i| self.connections[i].load(Relaxed)),
+        );
+        by_role(
+            &mut out,
+            "meshbroker_connections_total",
+            "counter",
+            "Connections accepted (hello_ack sent), by role.",
+            std::array::from_fn(|i| self.connections_total[i].load(Relaxed) as i64),
+        );
+        labeled(
+            &mut out,
+            "meshbroker_connections_rejected_total",
+            "Hellos refused, by reason (the error code).",
+            &self.connections_rejected.snapshot(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP meshbroker_messages_accepted_total Sends answered queued:true, by priority.\n# TYPE meshbroker_messages_accepted_total counter"
+        );
+        for (i, p) in PRIORITIES.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "meshbroker_messages_accepted_total{{priority=\"{p}\"}} {}",
+                self.messages_accepted[i].load(Relaxed)
+            );
+        }
+        labeled(
+            &mut out,
+            "meshbroker_messages_rejected_total",
+            "Sends refused, by reason (the error code).",
+            &self.messages_rejected.snapshot(),
+        );
+        let counters: [(&str, &str, &AtomicU64); 7] = [
+            ("meshbroker_deliveries_claimed_total", "Deliveries claimed with a lease.", &self.deliveries_claimed),
+            ("meshbroker_deliveries_pushed_total", "Pushes written to a connection.", &self.deliveries_pushed),
+            ("meshbroker_deliveries_acked_total", "Deliveries marked delivered by a client_ack.", &self.deliveries_acked),
+            ("meshbroker_deliveries_redelivered_total", "Claims of a delivery pushed before (attempt > 1).", &self.deliveries_redelivered),
+            ("meshbroker_leases_expired_total", "Leases the sweeper found expired and cleared.", &self.leases_expired),
+            ("meshbroker_deliveries_dead_lettered_total", "Deliveries dead-lettered after max_attempts.", &self.dead_lettered),
+            ("meshbroker_sweeper_runs_total", "Completed sweeper passes.", &self.sweeper_runs),
+        ];
+        for (name, help, c) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.load(Relaxed));
+        }
+        if let Some(q) = queue {
+            let _ = writeln!(
+                out,
+                "# HELP meshbroker_queue_deliveries Undelivered deliveries in the database, by state.\n# TYPE meshbroker_queue_deliveries gauge"
+            );
+            for (state, v) in [("pending", q.pending), ("claimed", q.claimed), ("dead", q.dead)] {
+                let _ = writeln!(out, "meshbroker_queue_deliveries{{state=\"{state}\"}} {v}");
+            }
+        }
+        self.delivery_seconds.render(
+            &mut out,
+            "meshbroker_delivery_seconds",
+            "Time from a message's acceptance to its client_ack.",
+        );
+        self.push_seconds.render(
+            &mut out,
+            "meshbroker_push_seconds",
+            "Time from a message's acceptance to its first push.",
+        );
+        let per_kind: [(&str, &str, &str, &[AtomicI64; 4]); 1] = [(
+            "meshbroker_actors",
+            "gauge",
+            "Running actors, by kind.",
+            &self.actors,
+        )];
+        for (name, kind, help, values) in per_kind {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for k in ActorKind::ALL {
+                let _ = writeln!(out, "{name}{{kind=\"{}\"}} {}", k.label(), values[k as usize].load(Relaxed));
+            }
+        }
+        for (name, help, values) in [
+            ("meshbroker_actor_messages_total", "Messages handled by actors, by kind.", &self.actor_messages),
+            ("meshbroker_actor_restarts_total", "Supervisor restarts of actors, by kind.", &self.actor_restarts),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for k in ActorKind::ALL {
+                let _ = writeln!(out, "{name}{{kind=\"{}\"}} {}", k.label(), values[k as usize].load(Relaxed));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP meshbroker_db_pool_connections Database pool connections, by state.\n# TYPE meshbroker_db_pool_connections gauge\nmeshbroker_db_pool_connections{{state=\"idle\"}} {}\nmeshbroker_db_pool_connections{{state=\"in_use\"}} {}",
+            pool.idle, pool.in_use
+        );
+        out
+    }
+}
+
+fn labeled(out: &mut String, name: &str, help: &str, values: &[(&'static str, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (reason, v) in values {
+        let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {v}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_moving_series() {
+        let m = Metrics::new();
+        m.connection_opened(Role::Session);
+        m.message_accepted("now");
+        m.message_rejected("rate_limit");
+        m.observe_delivery(0.02);
+        m.actor_started(ActorKind::Drain);
+        let text = m.render(Some(QueueDepth { pending: 3, claimed: 1, dead: 0 }), PoolState { idle: 2, in_use: 1 });
+        assert!(text.contains("meshbroker_connections{role=\"session\"} 1"));
+        assert!(text.contains("meshbroker_messages_accepted_total{priority=\"now\"} 1"));
+        assert!(text.contains("meshbroker_messages_rejected_total{reason=\"rate_limit\"} 1"));
+        assert!(text.contains("meshbroker_delivery_seconds_bucket{le=\"0.025\"} 1"));
+        assert!(text.contains("meshbroker_actors{kind=\"drain\"} 1"));
+        assert!(text.contains("meshbroker_queue_deliveries{state=\"pending\"} 3"));
+        assert!(text.contains("meshbroker_db_pool_connections{state=\"in_use\"} 1"));
+    }
+}

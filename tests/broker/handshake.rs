@@ -1,0 +1,311 @@
+//! §2: hello, session_hello, hello_ack, every refusal, replacement.
+
+use meshbroker::client::{
+    self, attestation, hello_frame, now_ms, session_hello_frame, HelloOptions,
+};
+use meshbroker::crypto;
+
+use crate::support::*;
+
+fn named(name: &str) -> HelloOptions {
+    HelloOptions { display_name: Some(name.into()), ..Default::default() }
+}
+
+#[actix_web::test]
+async fn hello_is_accepted_as_control_plane() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let (_conn, ack) = env.connect_opts(&a, named("alice-daemon")).await;
+    assert_eq!(ack["type"], "hello_ack");
+    assert!(ack["presenceId"].as_str().is_some_and(|s| !s.is_empty()), "{ack}");
+    assert_eq!(ack["peerRole"], "control-plane", "{ack}");
+    assert_eq!(ack["protocolVersion"], 1, "{ack}");
+    assert!(ack["memberDisplayName"].is_string(), "{ack}");
+    let profile = &ack["memberProfile"];
+    assert!(profile["groups"].is_array(), "{ack}");
+    assert_eq!(profile["messageMode"], "push", "{ack}");
+    assert!(profile.get("roleTag").is_some(), "{ack}");
+}
+
+#[actix_web::test]
+async fn hello_with_role_service_is_a_service() {
+    let env = TestEnv::start().await;
+    let a = env.member("bot").await;
+    let opts = HelloOptions { role: Some("service".into()), ..named("bot") };
+    let (_conn, ack) = env.connect_opts(&a, opts).await;
+    assert_eq!(ack["peerRole"], "service", "{ack}");
+}
+
+#[actix_web::test]
+async fn hello_with_session_pubkey_is_still_control_plane() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let sk = client::generate_session_key();
+    let opts = HelloOptions { session_pubkey: Some(spub(&sk)), ..named("cli") };
+    let (_conn, ack) = env.connect_opts(&a, opts).await;
+    assert_eq!(ack["peerRole"], "control-plane", "{ack}");
+}
+
+#[actix_web::test]
+async fn session_hello_is_accepted_as_session_whatever_role_says() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let sk = client::generate_session_key();
+    let now = now_ms();
+    let mut frame = session_hello_frame(&a.creds, &sk, now + 3_600_000, &named("s1"), now);
+    frame["role"] = json!("service");
+    let (_conn, ack) = client::handshake(&env.ws_url, &frame).await.must();
+    assert_eq!(ack["type"], "hello_ack");
+    assert_eq!(ack["peerRole"], "session", "{ack}");
+}
+
+#[actix_web::test]
+async fn missing_display_name_uses_member_name() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let b = env.member("bob").await;
+    let (_a, _) = env.connect_opts(&a, HelloOptions::default()).await;
+    let mut bc = env.connect(&b).await;
+    let peers = bc.list_peers(None).await.must();
+    let alice = peers.iter().find(|p| p["memberPubkey"] == a.pubkey().as_str());
+    let alice = alice.unwrap_or_else(|| panic!("alice listed: {peers:?}"));
+    assert_eq!(alice["displayName"], "alice", "{alice}");
+}
+
+#[actix_web::test]
+async fn hello_with_bad_signature_is_refused() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let mut frame = hello_frame(&a.creds, &HelloOptions::default(), now_ms());
+    frame["signature"] = json!(crypto::sign_hex(&a.creds.key, "something else"));
+    expect_refusal(&env.ws_url, &frame, "bad_signature", 1008).await;
+}
+
+#[actix_web::test]
+async fn hello_outside_skew_is_refused() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let frame = hello_frame(&a.creds, &HelloOptions::default(), now_ms() - 120_000);
+    expect_refusal(&env.ws_url, &frame, "timestamp_skew", 1008).await;
+    let frame = hello_frame(&a.creds, &HelloOptions::default(), now_ms() + 120_000);
+    expect_refusal(&env.ws_url, &frame, "timestamp_skew", 1008).await;
+}
+
+#[actix_web::test]
+async fn replayed_hello_is_refused() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let frame = hello_frame(&a.creds, &HelloOptions::default(), now_ms());
+    let (_first, ack) = client::handshake(&env.ws_url, &frame).await.must();
+    assert_eq!(ack["type"], "hello_ack");
+    expect_refusal(&env.ws_url, &frame, "replayed", 1008).await;
+}
+
+#[actix_web::test]
+async fn hello_of_unknown_key_is_unauthorized() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let (_, secret) = crypto::generate_keypair();
+    let stranger = client::Credentials::from_secret_hex(&a.creds.mesh_id, &a.id, &secret).unwrap();
+    let frame = hello_frame(&stranger, &HelloOptions::default(), now_ms());
+    expect_refusal(&env.ws_url, &frame, "unauthorized", 1008).await;
+}
+
+#[actix_web::test]
+async fn hello_with_another_members_id_is_unauthorized() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let b = env.member("bob").await;
+    let mut creds = a.creds.clone();
+    creds.member_id = b.id.clone();
+    // Correctly signed by alice's key, but naming bob's member id.
+    let frame = hello_frame(&creds, &HelloOptions::default(), now_ms());
+    expect_refusal(&env.ws_url, &frame, "unauthorized", 1008).await;
+}
+
+#[actix_web::test]
+async fn hello_of_revoked_member_closes_4002() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    env.revoke(&a).await;
+    let frame = hello_frame(&a.creds, &HelloOptions::default(), now_ms());
+    expect_refusal(&env.ws_url, &frame, "revoked", 4002).await;
+}
+
+#[actix_web::test]
+async fn hello_with_malformed_key_or_signature_is_malformed() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let mut frame = hello_frame(&a.creds, &HelloOptions::default(), now_ms());
+    frame["signature"] = json!("abcd");
+    expect_refusal(&env.ws_url, &frame, "malformed", 1008).await;
+    let mut frame = hello_frame(&a.creds, &HelloOptions::default(), now_ms());
+    frame["pubkey"] = json!("not-a-key");
+    expect_refusal(&env.ws_url, &frame, "malformed", 1008).await;
+}
+
+#[actix_web::test]
+async fn hello_with_bad_session_pubkey_is_refused() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let opts = HelloOptions { session_pubkey: Some("ABCDEF".into()), ..Default::default() };
+    let frame = hello_frame(&a.creds, &opts, now_ms());
+    expect_refusal(&env.ws_url, &frame, "bad_session_pubkey", 1008).await;
+    // Uppercase hex of the right length is not lowercase hex either.
+    let sk = client::generate_session_key();
+    let opts = HelloOptions { session_pubkey: Some(spub(&sk).to_uppercase()), ..Default::default() };
+    let frame = hello_frame(&a.creds, &opts, now_ms());
+    expect_refusal(&env.ws_url, &frame, "bad_session_pubkey", 1008).await;
+}
+
+#[actix_web::test]
+async fn session_hello_with_expired_attestation_is_refused() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let sk = client::generate_session_key();
+    let now = now_ms();
+    let frame = session_hello_frame(&a.creds, &sk, now - 1_000, &HelloOptions::default(), now);
+    expect_refusal(&env.ws_url, &frame, "expired", 1008).await;
+}
+
+#[actix_web::test]
+async fn session_hello_with_attestation_over_24h_is_refused() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let sk = client::generate_session_key();
+    let now = now_ms();
+    let frame = session_hello_frame(&a.creds, &sk, now + 25 * 3_600_000, &HelloOptions::default(), now);
+    expect_refusal(&env.ws_url, &frame, "ttl_too_long", 1008).await;
+}
+
+#[actix_web::test]
+async fn session_hello_with_attestation_for_another_key_is_refused() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let sk = client::generate_session_key();
+    let other = client::generate_session_key();
+    let now = now_ms();
+    let mut frame = session_hello_frame(&a.creds, &sk, now + 3_600_000, &HelloOptions::default(), now);
+    frame["parentAttestation"] = attestation(&a.creds, &spub(&other), now + 3_600_000);
+    expect_refusal(&env.ws_url, &frame, "attestation_mismatch", 1008).await;
+}
+
+#[actix_web::test]
+async fn session_hello_with_wrong_parent_member_id_is_refused() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let b = env.member("bob").await;
+    let sk = client::generate_session_key();
+    let now = now_ms();
+    let mut frame = session_hello_frame(&a.creds, &sk, now + 3_600_000, &HelloOptions::default(), now);
+    frame["parentMemberId"] = json!(b.id);
+    expect_refusal(&env.ws_url, &frame, "parent_member_id_mismatch", 1008).await;
+}
+
+#[actix_web::test]
+async fn session_hello_signed_by_the_wrong_key_is_refused() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let sk = client::generate_session_key();
+    let now = now_ms();
+    let mut frame = session_hello_frame(&a.creds, &sk, now + 3_600_000, &HelloOptions::default(), now);
+    // Signed by the member key instead of the session key.
+    let msg = crypto::session_hello_message(&a.creds.mesh_id, &a.pubkey(), &spub(&sk), now);
+    frame["signature"] = json!(crypto::sign_hex(&a.creds.key, &msg));
+    expect_refusal(&env.ws_url, &frame, "bad_signature", 1008).await;
+}
+
+#[actix_web::test]
+async fn session_hello_of_revoked_or_unknown_parent_is_refused() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    env.revoke(&a).await;
+    let sk = client::generate_session_key();
+    let now = now_ms();
+    let frame = session_hello_frame(&a.creds, &sk, now + 3_600_000, &HelloOptions::default(), now);
+    expect_refusal(&env.ws_url, &frame, "revoked", 4002).await;
+
+    let (_, secret) = crypto::generate_keypair();
+    let stranger = client::Credentials::from_secret_hex(&a.creds.mesh_id, &a.id, &secret).unwrap();
+    let mut frame = session_hello_frame(&stranger, &sk, now + 3_600_000, &HelloOptions::default(), now);
+    frame.as_object_mut().unwrap().remove("parentMemberId");
+    expect_refusal(&env.ws_url, &frame, "unauthorized", 1008).await;
+}
+
+#[actix_web::test]
+async fn mesh_connection_capacity_is_enforced() {
+    let env = TestEnv::start_with(|c| c.limits.max_connections_per_mesh = 2).await;
+    let a = env.member("alice").await;
+    let _c1 = env.connect(&a).await;
+    let _c2 = env.connect(&a).await;
+    let frame = hello_frame(&a.creds, &HelloOptions::default(), now_ms());
+    expect_refusal(&env.ws_url, &frame, "capacity", 1008).await;
+}
+
+#[actix_web::test]
+async fn second_hello_with_same_session_id_replaces_the_first_but_never_a_session() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let sid = format!("sid-{}", uuid::Uuid::new_v4());
+    let with_sid = |name: &str| HelloOptions { session_id: Some(sid.clone()), ..named(name) };
+
+    // A live session with that sessionId.
+    let sk = client::generate_session_key();
+    let (mut session, _) = env.session_opts(&a, &sk, with_sid("session")).await;
+
+    // A short CLI-style hello carrying the session's sessionId leaves it alone.
+    let (mut first, _) = env.connect_opts(&a, with_sid("cli-1")).await;
+    let frames = session.drain_for(QUIET).await.must();
+    assert!(!session.is_closed(), "session was closed by a hello with its sessionId: {frames:?}");
+
+    // A second hello with the same sessionId replaces the first hello.
+    let (mut second, _) = env.connect_opts(&a, with_sid("cli-2")).await;
+    let (code, reason) = first.expect_close(WAIT).await.must();
+    assert_eq!(code, Some(1000));
+    assert_eq!(reason, "session_replaced");
+
+    // The session and the new hello are both alive and answer.
+    let peers = session.list_peers(None).await.must();
+    assert!(
+        peers.iter().any(|p| p["pubkey"] == spub(&sk).as_str()),
+        "session still listed: {peers:?}"
+    );
+    second.list_peers(None).await.must();
+}
+
+#[actix_web::test]
+async fn second_session_hello_with_same_session_key_replaces_the_first() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let sk = client::generate_session_key();
+    let (mut first, _) = env.session_opts(&a, &sk, named("s")).await;
+    let (mut second, ack) = env.session_opts(&a, &sk, named("s")).await;
+    assert_eq!(ack["peerRole"], "session");
+    let (code, reason) = first.expect_close(WAIT).await.must();
+    assert_eq!((code, reason.as_str()), (Some(1000), "session_replaced"));
+    second.list_peers(None).await.must();
+}
+
+#[actix_web::test]
+async fn unsupported_hello_fields_do_not_break_the_handshake() {
+    // A claudemesh-style hello with every optional field.
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let mut frame = hello_frame(&a.creds, &named("full"), now_ms());
+    let extra = json!({
+        "pid": 123, "cwd": "/tmp", "hostname": "h", "peerType": "ai", "channel": "c",
+        "model": "m", "groups": [{"name": "backend", "role": "lead"}, "frontend"],
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        frame[k] = v.clone();
+    }
+    let (mut conn, ack) = client::handshake(&env.ws_url, &frame).await.must();
+    assert_eq!(ack["peerRole"], "control-plane");
+    let peers = conn.list_peers(None).await.must();
+    let me = peers.iter().find(|p| p["displayName"] == "full").expect("listed");
+    assert_eq!(me["cwd"], "/tmp", "{me}");
+    assert_eq!(me["hostname"], "h", "{me}");
+    assert_eq!(me["peerType"], "ai", "{me}");
+    let groups: Vec<&str> = me["groups"].as_array().unwrap().iter().filter_map(|g| g["name"].as_str()).collect();
+    assert!(groups.contains(&"backend") && groups.contains(&"frontend"), "{me}");
+}

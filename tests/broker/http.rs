@@ -1,0 +1,129 @@
+//! §6 HTTP next to the WebSocket: health, metrics, the status hook; and the
+//! supervised sweeper.
+
+use meshbroker::client::HelloOptions;
+use meshbroker::config::Dur;
+
+use crate::support::*;
+
+#[actix_web::test]
+async fn health_reports_the_database_up() {
+    let env = TestEnv::start().await;
+    let (status, body) = http_get(&format!("{}/health", env.http_url)).await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("JSON {e}: {body}"));
+    assert_eq!(v["db"], "up", "{v}");
+    let (status, body) = http_get(&format!("{}/health/ready", env.http_url)).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[actix_web::test]
+async fn metrics_series_move() {
+    let env = TestEnv::start_with(|c| c.delivery.lease = Dur::secs(30)).await;
+    let text = env.metrics().await;
+    for name in [
+        "meshbroker_connections",
+        "meshbroker_messages_accepted_total",
+        "meshbroker_deliveries_acked_total",
+        "meshbroker_actors",
+        "meshbroker_db_pool_connections",
+    ] {
+        assert!(metric_opt(&text, name, &[]).is_some(), "{name} missing from /metrics:\n{text}");
+    }
+    assert_eq!(metric(&text, "meshbroker_connections", &[("role", "session")]), 0.0);
+    assert_eq!(metric(&text, "meshbroker_messages_accepted_total", &[]), 0.0);
+
+    let a = env.member("alice").await;
+    let b = env.member("bob").await;
+    let mut ac = env.connect(&a).await;
+    let (mut bs, bk) = env.session(&b, "bob-session").await;
+    let ack = ac.send_message(&spub(&bk), "count me", "now", None).await.must();
+    assert_eq!(ack["queued"], true);
+    let push = bs.expect("push", WAIT).await.must();
+    bs.ack(&push).await.must();
+
+    env.wait_metric("meshbroker_deliveries_acked_total", &[], |v| v == 1.0).await;
+    let text = env.metrics().await;
+    assert_eq!(metric(&text, "meshbroker_connections", &[("role", "session")]), 1.0, "{text}");
+    assert_eq!(metric(&text, "meshbroker_connections", &[("role", "control-plane")]), 1.0, "{text}");
+    assert_eq!(metric(&text, "meshbroker_messages_accepted_total", &[("priority", "now")]), 1.0, "{text}");
+    assert!(metric(&text, "meshbroker_actors", &[("kind", "drain")]) >= 1.0, "{text}");
+    assert!(metric(&text, "meshbroker_deliveries_pushed_total", &[]) >= 1.0, "{text}");
+    assert!(metric(&text, "meshbroker_db_pool_connections", &[]) >= 1.0, "{text}");
+
+    bs.close().await.must();
+    env.wait_metric("meshbroker_connections", &[("role", "session")], |v| v == 0.0).await;
+}
+
+#[actix_web::test]
+async fn the_status_hook_gates_delivery_by_session_id() {
+    let env = TestEnv::start_with(|c| c.delivery.lease = Dur::secs(30)).await;
+    let a = env.member("alice").await;
+    let b = env.member("bob").await;
+    let mut ac = env.connect(&a).await;
+    let sid = format!("claude-{}", uuid::Uuid::new_v4());
+    let key = meshbroker::client::generate_session_key();
+    let opts = HelloOptions {
+        display_name: Some("bob-session".into()),
+        session_id: Some(sid.clone()),
+        pid: Some(4242),
+        cwd: Some("/work/bob".into()),
+        ..Default::default()
+    };
+    let (mut bs, _) = env.session_opts(&b, &key, opts).await;
+
+    let hook = format!("{}/hook/set-status", env.http_url);
+    let body = json!({"cwd": "/work/bob", "pid": 4242, "status": "working", "session_id": sid});
+    let (status, text) = http_post_json(&hook, &body).await;
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(v["presence_id"].is_string(), "{v}");
+
+    let held = ac.send_message(&spub(&key), "wait", "next", None).await.must();
+    let urgent = ac.send_message(&spub(&key), "urgent", "now", None).await.must();
+    let push = bs.expect("push", WAIT).await.must();
+    assert_eq!(push["messageId"], urgent["messageId"], "{push}");
+    bs.ack(&push).await.must();
+    assert_no_push(&mut bs, "a working session").await;
+
+    let body = json!({"cwd": "/work/bob", "pid": 4242, "status": "idle", "session_id": sid});
+    let (status, text) = http_post_json(&hook, &body).await;
+    assert_eq!(status, 200, "{text}");
+    let push = bs.expect("push", WAIT).await.must();
+    assert_eq!(push["messageId"], held["messageId"], "{push}");
+
+    let body = json!({"status": "idle", "session_id": "no-such-session"});
+    let (_, text) = http_post_json(&hook, &body).await;
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["ok"], false, "unknown session: {v}");
+    assert!(v["error"].is_string(), "{v}");
+}
+
+#[actix_web::test]
+async fn the_status_hook_refuses_oversized_bodies() {
+    let env = TestEnv::start().await;
+    let hook = format!("{}/hook/set-status", env.http_url);
+    let big = json!({"status": "idle", "session_id": "x", "cwd": "y".repeat(env.config.limits.max_message_bytes + 10)});
+    let (status, _) = http_post_raw(&hook, "application/json", big.to_string()).await;
+    assert_eq!(status, 413);
+}
+
+#[actix_web::test]
+async fn the_sweeper_is_restarted_after_a_failure_and_still_redelivers() {
+    let env = TestEnv::start().await; // lease 1s, sweeper 200ms
+    let before = metric(&env.metrics().await, "meshbroker_actor_restarts_total", &[("kind", "sweeper")]);
+    env.broker().inject_sweeper_failure();
+    env.wait_metric("meshbroker_actor_restarts_total", &[("kind", "sweeper")], |v| v >= before + 1.0)
+        .await;
+
+    let a = env.member("alice").await;
+    let b = env.member("bob").await;
+    let mut ac = env.connect(&a).await;
+    let mut bc = env.connect(&b).await;
+    ac.send_message(&b.pubkey(), "still swept", "now", None).await.must();
+    assert_eq!(bc.expect("push", WAIT).await.must()["attempt"], 1);
+    let again = bc.expect("push", WAIT).await.must();
+    assert_eq!(again["attempt"], 2, "the restarted sweeper expired the lease: {again}");
+    env.wait_metric("meshbroker_leases_expired_total", &[], |v| v >= 1.0).await;
+}

@@ -1,0 +1,13 @@
+//! meshbroker integration tests: one binary, a real broker in-process per
+//! test (and the real executable in `process`), checked against the wire
+//! contract in protocol.md.
+
+mod support;
+
+mod admin_frames;
+mod delivery;
+mod frames;
+mod handshake;
+mod http;
+mod presence;
+mod process;
