@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use diesel_async::{AsyncConnection, SimpleAsyncConnection};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{redact_url, Config, LogFormat};
@@ -294,7 +295,14 @@ async fn admin_connection(
     db::migrate(&url)
         .await
         .map_err(|e| anyhow!("database {redacted}: {e}"))?;
-    let conn = db::establish(&url)
+    let connect = async {
+        let mut conn = db::PgConn::establish(&url).await?;
+        // Tells operator sessions apart from the broker's in pg_stat_activity.
+        conn.batch_execute("SET application_name = 'meshbroker-cli'")
+            .await?;
+        anyhow::Ok(conn)
+    };
+    let conn = connect
         .await
         .map_err(|e| anyhow!("cannot connect to database {redacted}: {e}"))?;
     Ok((conn, embedded))

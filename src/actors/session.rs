@@ -69,8 +69,9 @@ pub struct WsSession {
     shared: Arc<Shared>,
     registry: Addr<Registry>,
     ready: Option<Ready>,
-    /// A hello is being verified: further frames wait for it.
-    hello_pending: bool,
+    /// The presence id of a hello being verified: if the connection stops
+    /// before the answer, the registry may still have registered it.
+    pending_presence: Option<Uuid>,
     /// Last frame or pong from the client.
     last_heard: Instant,
     /// The same, as unix millis, for the registry's `kick stale`.
@@ -83,7 +84,7 @@ impl WsSession {
             shared,
             registry,
             ready: None,
-            hello_pending: false,
+            pending_presence: None,
             last_heard: Instant::now(),
             last_seen: Arc::new(AtomicI64::new(chrono::Utc::now().timestamp_millis())),
         }
@@ -161,7 +162,8 @@ impl WsSession {
             Ok(c) => c,
             Err(refusal) => return self.refuse(ctx, refusal),
         };
-        self.hello_pending = true;
+        let presence_id = Uuid::new_v4();
+        self.pending_presence = Some(presence_id);
         let shared = self.shared.clone();
         let registry = self.registry.clone();
         let addr = ctx.address();
@@ -175,7 +177,6 @@ impl WsSession {
             let member = handshake::verify_online(&mut conn, &claims, &shared.config)
                 .await
                 .map_err(|r| r)?;
-            let presence_id = Uuid::new_v4();
             let info = &claims.info;
             let session_id = info.session_id.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| Uuid::new_v4().to_string());
             let display_name = info.display_name.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| member.name.clone());
@@ -222,7 +223,7 @@ impl WsSession {
             Ok::<_, handshake::Refusal>((member, presence_id, display_name, claims, drain))
         };
         ctx.wait(fut.into_actor(self).map(|result, act, ctx| {
-            act.hello_pending = false;
+            act.pending_presence = None;
             match result {
                 Err(refusal) => act.refuse(ctx, refusal),
                 Ok((member, presence_id, display_name, claims, drain)) => {
@@ -632,6 +633,8 @@ impl Actor for WsSession {
         if let Some(ready) = &self.ready {
             metrics.connection_closed(ready.role);
             self.registry.do_send(registry::Disconnect { presence_id: ready.presence_id });
+        } else if let Some(presence_id) = self.pending_presence {
+            self.registry.do_send(registry::Disconnect { presence_id });
         }
     }
 }

@@ -50,20 +50,13 @@ impl Sweeper {
             let max_attempts = cfg.delivery.max_attempts as i32;
             let dead = queries::dead_letter(&mut conn, max_attempts, BATCH).await.map_err(e)?;
             let expired = queries::expire_leases(&mut conn, BATCH).await.map_err(e)?;
-            // Leases whose delivery just used its last attempt die now
-            // rather than on the next pass.
-            let dead_after = if expired.is_empty() {
-                Vec::new()
-            } else {
-                queries::dead_letter(&mut conn, max_attempts, BATCH).await.map_err(e)?
-            };
             let grace = queries::end_grace(&mut conn).await.map_err(e)?;
             let presence = &cfg.presence;
             let silent_for = (presence.pong_timeout.get() * 2).max(presence.ping_interval.get() * 3);
             queries::reap_stale_presence(&mut conn, silent_for).await.map_err(e)?;
             queries::forget_hellos(&mut conn, cfg.limits.hello_skew.get() * 2).await.map_err(e)?;
             queries::close_dedupe_windows(&mut conn, cfg.delivery.dedupe_window.get(), BATCH).await.map_err(e)?;
-            Ok((dead.into_iter().chain(dead_after).collect::<Vec<_>>(), expired, grace))
+            Ok((dead, expired, grace))
         };
         ctx.spawn(fut.into_actor(self).map(|result, act, ctx| {
             act.running = false;

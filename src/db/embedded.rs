@@ -784,8 +784,8 @@ mod tests {
             .unwrap();
         let query = |url: String| {
             rt.block_on(async move {
-                let pool = db::connect(&url, 1).await?;
-                let mut conn = pool.get().await?;
+                use diesel_async::{AsyncConnection, AsyncPgConnection};
+                let mut conn = AsyncPgConnection::establish(&url).await?;
                 diesel::sql_query("SELECT 1").execute(&mut conn).await?;
                 anyhow::Ok(())
             })

