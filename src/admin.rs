@@ -241,7 +241,10 @@ mod tests {
         assert!(check_name("mesh", "").is_err());
         assert!(check_name("mesh", &"é".repeat(256)).is_ok());
         let err = check_name("mesh", &"x".repeat(257)).unwrap_err();
-        assert_eq!(err.to_string(), "mesh name must be 1 to 256 characters, got 257");
+        assert_eq!(
+            err.to_string(),
+            "mesh name must be 1 to 256 characters, got 257"
+        );
     }
 
     /// Every action against a real (embedded, throwaway) database.
@@ -253,19 +256,30 @@ mod tests {
 
         let root = tempfile::tempdir().unwrap();
         std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let pg = match EmbeddedPostgres::start(&root.path().join("data"), &EmbeddedOptions { fsync: false }) {
+        let pg = match EmbeddedPostgres::start(
+            &root.path().join("data"),
+            &EmbeddedOptions { fsync: false },
+        ) {
             Ok(pg) => pg,
             Err(crate::db::embedded::EmbeddedError::NoInstallation) => return,
             Err(e) => panic!("{e}"),
         };
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             crate::db::migrate(&pg.url()).await.unwrap();
             let conn = &mut AsyncPgConnection::establish(&pg.url()).await.unwrap();
 
-            assert!(matches!(create_mesh(conn, "").await, Err(AdminError::InvalidName { .. })));
+            assert!(matches!(
+                create_mesh(conn, "").await,
+                Err(AdminError::InvalidName { .. })
+            ));
             let mesh = create_mesh(conn, "demo").await.unwrap();
-            let generated = add_member(conn, mesh.id, "alice", None, true).await.unwrap();
+            let generated = add_member(conn, mesh.id, "alice", None, true)
+                .await
+                .unwrap();
             let secret = generated.secret_key.clone().unwrap();
             let key = crypto::parse_secret_key(&secret).unwrap();
             assert_eq!(crypto::public_hex(&key), generated.pubkey);
@@ -277,9 +291,15 @@ mod tests {
             assert_eq!(bob.pubkey, bob_pub);
             assert_eq!(bob.secret_key, None);
             let again = add_member(conn, mesh.id, "bob2", Some(&bob_pub), false).await;
-            assert!(matches!(again, Err(AdminError::AlreadyMember { .. })), "{again:?}");
+            assert!(
+                matches!(again, Err(AdminError::AlreadyMember { .. })),
+                "{again:?}"
+            );
             let nowhere = add_member(conn, MeshId::new(), "x", Some(&bob_pub), false).await;
-            assert!(matches!(nowhere, Err(AdminError::MeshNotFound(_))), "{nowhere:?}");
+            assert!(
+                matches!(nowhere, Err(AdminError::MeshNotFound(_))),
+                "{nowhere:?}"
+            );
 
             let revoked = revoke_member(conn, mesh.id, &bob_pub).await.unwrap();
             let first_at = revoked.revoked_at.expect("revoked_at set");
@@ -292,7 +312,10 @@ mod tests {
             ));
 
             let members = list_members(conn, mesh.id).await.unwrap();
-            let names: Vec<_> = members.iter().map(|m| (m.name.as_str(), m.admin, m.revoked_at.is_some())).collect();
+            let names: Vec<_> = members
+                .iter()
+                .map(|m| (m.name.as_str(), m.admin, m.revoked_at.is_some()))
+                .collect();
             assert_eq!(names, [("alice", true, false), ("bob", false, true)]);
             let json = serde_json::to_value(&generated).unwrap();
             for key in ["id", "mesh_id", "name", "pubkey", "admin", "secret_key"] {

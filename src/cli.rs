@@ -24,7 +24,11 @@ use crate::{admin, db};
 pub const DEFAULT_CONFIG: &str = "config/meshbroker.toml";
 
 #[derive(Debug, Parser)]
-#[command(name = "meshbroker", version, about = "A message broker for meshes of AI agent sessions")]
+#[command(
+    name = "meshbroker",
+    version,
+    about = "A message broker for meshes of AI agent sessions"
+)]
 struct Cli {
     /// Configuration file [default: config/meshbroker.toml; missing means defaults]
     #[arg(long, global = true, value_name = "PATH", env = "MESHBROKER_CONFIG")]
@@ -126,7 +130,12 @@ struct ClientFlags {
     #[arg(long, value_name = "MEMBER_ID")]
     member_id: String,
     /// The member's secret key, 64 or 128 hex chars.
-    #[arg(long, value_name = "HEX", env = "MESHBROKER_SECRET_KEY", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "HEX",
+        env = "MESHBROKER_SECRET_KEY",
+        hide_env_values = true
+    )]
     secret_key: String,
     /// Broker WebSocket URL [default: ws://<server.listen>/ws]
     #[arg(long)]
@@ -185,7 +194,9 @@ fn usage_error(e: clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
     if matches!(
         e.kind(),
-        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
     ) {
         let _ = e.print();
         return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
@@ -309,9 +320,9 @@ async fn admin_connection(
 }
 
 fn parse_mesh_id(s: &str) -> anyhow::Result<MeshId> {
-    s.trim()
-        .parse()
-        .map_err(|_| anyhow!("--mesh {s:?} is not a mesh id (a UUID, as printed by `meshbroker mesh create`)"))
+    s.trim().parse().map_err(|_| {
+        anyhow!("--mesh {s:?} is not a mesh id (a UUID, as printed by `meshbroker mesh create`)")
+    })
 }
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -348,7 +359,8 @@ async fn member_command(config: &Config, cmd: MemberCommand) -> anyhow::Result<(
                 admin::normalize_pubkey(key).map_err(|e| anyhow!("--pubkey: {e}"))?;
             }
             let (mut conn, _embedded) = admin_connection(config).await?;
-            let m = admin::add_member(&mut conn, mesh_id, &name, pubkey.as_deref(), is_admin).await?;
+            let m =
+                admin::add_member(&mut conn, mesh_id, &name, pubkey.as_deref(), is_admin).await?;
             if json {
                 print_json(&m)?;
             } else {
@@ -370,7 +382,10 @@ async fn member_command(config: &Config, cmd: MemberCommand) -> anyhow::Result<(
                 print_json(&m)?;
             } else {
                 let at = m.revoked_at.map(|t| t.to_rfc3339()).unwrap_or_default();
-                println!("revoked member {:?} ({}) in mesh {} at {at}", m.name, m.pubkey, m.mesh_id);
+                println!(
+                    "revoked member {:?} ({}) in mesh {} at {at}",
+                    m.name, m.pubkey, m.mesh_id
+                );
             }
         }
         MemberCommand::List { mesh, json } => {
@@ -382,11 +397,21 @@ async fn member_command(config: &Config, cmd: MemberCommand) -> anyhow::Result<(
             } else if members.is_empty() {
                 println!("mesh {mesh_id} has no members");
             } else {
-                println!("{:<36}  {:<64}  {:<5}  {:<8}  NAME", "ID", "PUBKEY", "ADMIN", "STATUS");
+                println!(
+                    "{:<36}  {:<64}  {:<5}  {:<8}  NAME",
+                    "ID", "PUBKEY", "ADMIN", "STATUS"
+                );
                 for m in &members {
-                    let status = if m.revoked_at.is_some() { "revoked" } else { "active" };
+                    let status = if m.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    };
                     let admin = if m.admin { "yes" } else { "no" };
-                    println!("{:<36}  {:<64}  {admin:<5}  {status:<8}  {}", m.id, m.pubkey, m.name);
+                    println!(
+                        "{:<36}  {:<64}  {admin:<5}  {status:<8}  {}",
+                        m.id, m.pubkey, m.name
+                    );
                 }
             }
         }
@@ -408,15 +433,23 @@ async fn client_command(config: &Config, cmd: ClientCommand) -> anyhow::Result<(
             client_message_id,
         } => {
             let args = client_args(config, flags);
-            crate::client::cli_send(&args, &to, &text, priority.as_str(), client_message_id.as_deref())
-                .await
+            crate::client::cli_send(
+                &args,
+                &to,
+                &text,
+                priority.as_str(),
+                client_message_id.as_deref(),
+            )
+            .await
         }
     }
 }
 
 fn client_args(config: &Config, flags: ClientFlags) -> ClientArgs {
     ClientArgs {
-        url: flags.url.unwrap_or_else(|| default_ws_url(config.server.listen)),
+        url: flags
+            .url
+            .unwrap_or_else(|| default_ws_url(config.server.listen)),
         mesh_id: flags.mesh,
         member_id: flags.member_id,
         secret_key: flags.secret_key,
@@ -474,7 +507,10 @@ mod tests {
         assert_eq!(shipped.delivery.lease, default.delivery.lease);
         assert_eq!(shipped.delivery.message_ttl, default.delivery.message_ttl);
         assert_eq!(shipped.presence.grace, default.presence.grace);
-        assert_eq!(shipped.limits.max_frame_bytes, default.limits.max_frame_bytes);
+        assert_eq!(
+            shipped.limits.max_frame_bytes,
+            default.limits.max_frame_bytes
+        );
         assert_eq!(shipped.log.level, default.log.level);
         assert_eq!(shipped.log.format, default.log.format);
         // Every key is spelled out, so the file and the defaults agree fully.
@@ -485,17 +521,49 @@ mod tests {
     fn commands_parse() {
         Cli::command_for_tests().debug_assert();
         let cli = Cli::try_parse_from([
-            "meshbroker", "member", "add", "--mesh", "m", "--name", "a", "--admin", "--json",
+            "meshbroker",
+            "member",
+            "add",
+            "--mesh",
+            "m",
+            "--name",
+            "a",
+            "--admin",
+            "--json",
         ])
         .unwrap();
-        assert!(matches!(cli.command, Command::Member(MemberCommand::Add { admin: true, json: true, .. })));
+        assert!(matches!(
+            cli.command,
+            Command::Member(MemberCommand::Add {
+                admin: true,
+                json: true,
+                ..
+            })
+        ));
         let cli = Cli::try_parse_from([
-            "meshbroker", "client", "send", "--mesh", "m", "--member-id", "x", "--secret-key", "k",
-            "--to", "*", "--text", "hi", "--priority", "now", "--config", "c.toml",
+            "meshbroker",
+            "client",
+            "send",
+            "--mesh",
+            "m",
+            "--member-id",
+            "x",
+            "--secret-key",
+            "k",
+            "--to",
+            "*",
+            "--text",
+            "hi",
+            "--priority",
+            "now",
+            "--config",
+            "c.toml",
         ])
         .unwrap();
         assert_eq!(cli.config.as_deref(), Some(Path::new("c.toml")));
-        assert!(Cli::try_parse_from(["meshbroker", "client", "send", "--priority", "soon"]).is_err());
+        assert!(
+            Cli::try_parse_from(["meshbroker", "client", "send", "--priority", "soon"]).is_err()
+        );
     }
 
     #[test]
@@ -503,14 +571,26 @@ mod tests {
         let err = Config::load(Path::new("/nonexistent/x.toml"), true).unwrap_err();
         let line = error_line(&anyhow::Error::from(err));
         assert_eq!(line.matches("No such file").count(), 1, "{line}");
-        assert!(line.starts_with("cannot read config file /nonexistent/x.toml"), "{line}");
+        assert!(
+            line.starts_with("cannot read config file /nonexistent/x.toml"),
+            "{line}"
+        );
     }
 
     #[test]
     fn ws_url_defaults_to_the_listen_address() {
-        assert_eq!(default_ws_url("127.0.0.1:7900".parse().unwrap()), "ws://127.0.0.1:7900/ws");
-        assert_eq!(default_ws_url("0.0.0.0:80".parse().unwrap()), "ws://127.0.0.1:80/ws");
-        assert_eq!(default_ws_url("[::]:7900".parse().unwrap()), "ws://[::1]:7900/ws");
+        assert_eq!(
+            default_ws_url("127.0.0.1:7900".parse().unwrap()),
+            "ws://127.0.0.1:7900/ws"
+        );
+        assert_eq!(
+            default_ws_url("0.0.0.0:80".parse().unwrap()),
+            "ws://127.0.0.1:80/ws"
+        );
+        assert_eq!(
+            default_ws_url("[::]:7900".parse().unwrap()),
+            "ws://[::1]:7900/ws"
+        );
     }
 
     #[test]

@@ -399,14 +399,13 @@ impl Connection {
         self.closed.is_some()
     }
 
-    /// Waits for the first frame `matches` accepts; other frames are kept for
-    /// later `recv`s, except system pushes (dropped unless `keep_system`).
-    /// Fails on a close or when `timeout` passes.
+    /// Waits for the first frame `matches` accepts; every other frame is
+    /// kept, in order, for later calls. Fails on a close or when `timeout`
+    /// passes.
     pub async fn expect_where(
         &mut self,
         what: &str,
         timeout: Duration,
-        keep_system: bool,
         matches: impl Fn(&Value) -> bool,
     ) -> anyhow::Result<Value> {
         if let Some(i) = self.pending.iter().position(&matches) {
@@ -417,11 +416,7 @@ impl Connection {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match self.recv_socket(left).await? {
                 Event::Frame(frame) if matches(&frame) => return Ok(frame),
-                Event::Frame(frame) => {
-                    if keep_system || !is_system_push(&frame) {
-                        self.pending.push_back(frame);
-                    }
-                }
+                Event::Frame(frame) => self.pending.push_back(frame),
                 Event::Closed { code, reason } => {
                     bail!(
                         "expected {what}, but the connection closed (code {code:?}, reason {reason:?}); \
@@ -437,22 +432,22 @@ impl Connection {
         }
     }
 
-    /// The next frame of type `ty` (non-system for `push`).
+    /// The next frame of type `ty`; for `push`, the next that is not a
+    /// system push (those stay buffered for [`Connection::expect_system`]).
     pub async fn expect(&mut self, ty: &str, timeout: Duration) -> anyhow::Result<Value> {
         let what = format!("a {ty:?} frame");
-        self.expect_where(&what, timeout, false, |f| f["type"] == ty && !is_system_push(f))
+        self.expect_where(&what, timeout, |f| f["type"] == ty && !is_system_push(f))
             .await
     }
 
     /// The next system push with this `event` (`peer_joined`, `peer_left`, …).
     pub async fn expect_system(&mut self, event: &str, timeout: Duration) -> anyhow::Result<Value> {
         let what = format!("a system push {event:?}");
-        self.expect_where(&what, timeout, true, |f| is_system_push(f) && f["event"] == event)
+        self.expect_where(&what, timeout, |f| is_system_push(f) && f["event"] == event)
             .await
     }
 
-    /// Waits for the broker to close; fails if a frame other than a push, a
-    /// system push or an error arrives first... frames are simply skipped.
+    /// Waits for the broker to close; frames arriving first are kept.
     pub async fn expect_close(&mut self, timeout: Duration) -> anyhow::Result<(Option<u16>, String)> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -493,7 +488,7 @@ impl Connection {
         }
         let id = frame["id"].clone();
         self.send_json(&frame).await?;
-        self.expect_where("the send's ack", SEND_ACK_TIMEOUT, false, |f| {
+        self.expect_where("the send's ack", SEND_ACK_TIMEOUT, |f| {
             f["type"] == "ack" && f["id"] == id
         })
         .await
@@ -533,7 +528,7 @@ impl Connection {
         frame["_reqId"] = json!(req_id);
         self.send_json(&frame).await?;
         let what = format!("the answer to {}", frame["type"]);
-        self.expect_where(&what, timeout, false, |f| f["_reqId"] == req_id.as_str())
+        self.expect_where(&what, timeout, |f| f["_reqId"] == req_id.as_str())
             .await
     }
 
@@ -621,7 +616,7 @@ pub async fn handshake(url: &str, frame: &Value) -> anyhow::Result<(Connection, 
     let mut conn = Connection::connect(url).await?;
     conn.send_json(frame).await?;
     let answer = conn
-        .expect_where("hello_ack", HELLO_TIMEOUT, false, |f| {
+        .expect_where("hello_ack", HELLO_TIMEOUT, |f| {
             f["type"] == "hello_ack" || f["type"] == "error"
         })
         .await?;

@@ -175,8 +175,7 @@ impl WsSession {
                 .await
                 .map_err(|_| handshake::Refusal::new("unavailable", "database unavailable, retry"))?;
             let member = handshake::verify_online(&mut conn, &claims, &shared.config)
-                .await
-                .map_err(|r| r)?;
+                .await?;
             let info = &claims.info;
             let session_id = info.session_id.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| Uuid::new_v4().to_string());
             let display_name = info.display_name.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| member.name.clone());
@@ -400,7 +399,7 @@ impl WsSession {
                     let peers = rows
                         .into_iter()
                         .filter(|r| r.visible || r.member_id == own_member)
-                        .filter(|r| roles.as_ref().is_none_or(|roles| roles.iter().any(|x| *x == r.role)))
+                        .filter(|r| roles.as_ref().is_none_or(|roles| roles.contains(&r.role)))
                         .map(|r| Peer {
                             pubkey: r.session_pubkey.clone().unwrap_or_else(|| r.member_pubkey.clone()),
                             member_pubkey: r.member_pubkey,

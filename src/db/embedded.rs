@@ -98,7 +98,7 @@ struct RunAs {
 #[derive(Debug)]
 pub struct EmbeddedPostgres {
     /// `storage.data_dir`, absolute: holds the owner, lock and log files.
-    data_dir: PathBuf,
+    storage_dir: PathBuf,
     /// PGDATA, also the socket directory.
     pgdata: PathBuf,
     bins: Binaries,
@@ -134,12 +134,11 @@ impl EmbeddedPostgres {
             .map_err(|source| io_err("cannot open lock file", &lock_path, source))?;
         // Readable by the watcher, which takes the same lock as `postgres`.
         let _ = fs::set_permissions(&lock_path, fs::Permissions::from_mode(0o644));
-        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, errno)| {
-            io_err("cannot lock", &lock_path, io::Error::from(errno))
-        })?;
+        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| io_err("cannot lock", &lock_path, io::Error::from(errno)))?;
 
         let mut pg = EmbeddedPostgres {
-            data_dir,
+            storage_dir: data_dir,
             pgdata,
             bins,
             run_as,
@@ -150,9 +149,12 @@ impl EmbeddedPostgres {
             pg.initdb(opts)?;
         }
         if pg.is_running()? {
-            let owner = read_pid(&pg.data_dir.join(OWNER_FILE));
+            let owner = read_pid(&pg.storage_dir.join(OWNER_FILE));
             if owner.is_some_and(|pid| pid == std::process::id() || process_exists(pid)) {
-                tracing::info!("adopted running cluster in {} (its starter is still running and will stop it)", pg.pgdata.display());
+                tracing::info!(
+                    "adopted running cluster in {} (its starter is still running and will stop it)",
+                    pg.pgdata.display()
+                );
             } else {
                 pg.take_ownership()?;
                 tracing::info!("adopted running cluster in {} (its starter is gone; this process will stop it)", pg.pgdata.display());
@@ -208,9 +210,9 @@ impl EmbeddedPostgres {
             .arg("meshbroker-pg-watcher")
             .arg(std::process::id().to_string())
             .arg(&self.bins.pg_ctl)
-            .arg(self.data_dir.join(OWNER_FILE))
+            .arg(self.storage_dir.join(OWNER_FILE))
             .arg(&self.pgdata)
-            .arg(self.data_dir.join(LOCK_FILE))
+            .arg(self.storage_dir.join(LOCK_FILE))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -237,14 +239,17 @@ impl EmbeddedPostgres {
             Ok(_) => tracing::info!("stopped embedded PostgreSQL in {}", self.pgdata.display()),
             Err(e) => tracing::warn!("{e}"),
         }
-        let owner = self.data_dir.join(OWNER_FILE);
+        let owner = self.storage_dir.join(OWNER_FILE);
         if read_pid(&owner) == Some(std::process::id()) {
             let _ = fs::remove_file(owner);
         }
     }
 
     fn initdb(&self, opts: &EmbeddedOptions) -> Result<(), EmbeddedError> {
-        tracing::info!("initializing embedded PostgreSQL in {} (first use; this takes a few seconds)", self.pgdata.display());
+        tracing::info!(
+            "initializing embedded PostgreSQL in {} (first use; this takes a few seconds)",
+            self.pgdata.display()
+        );
         match fs::create_dir(&self.pgdata) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -254,9 +259,14 @@ impl EmbeddedPostgres {
             .map_err(|source| io_err("cannot set mode 0700 on", &self.pgdata, source))?;
         self.chown(&self.pgdata)?;
         let mut cmd = Command::new(&self.bins.initdb);
-        cmd.arg("-D")
-            .arg(&self.pgdata)
-            .args(["-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--locale=C"]);
+        cmd.arg("-D").arg(&self.pgdata).args([
+            "-U",
+            SUPERUSER,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]);
         if !opts.fsync {
             cmd.arg("--no-sync");
         }
@@ -299,7 +309,7 @@ impl EmbeddedPostgres {
     }
 
     fn pg_start(&self, opts: &EmbeddedOptions) -> Result<(), EmbeddedError> {
-        let log = self.data_dir.join(LOG_FILE);
+        let log = self.storage_dir.join(LOG_FILE);
         // pg_ctl opens the log as the server user, which cannot create files
         // in a root-owned data_dir.
         fs::OpenOptions::new()
@@ -328,7 +338,7 @@ impl EmbeddedPostgres {
     }
 
     fn take_ownership(&mut self) -> Result<(), EmbeddedError> {
-        let owner = self.data_dir.join(OWNER_FILE);
+        let owner = self.storage_dir.join(OWNER_FILE);
         fs::write(&owner, format!("{}\n", std::process::id()))
             .map_err(|source| io_err("cannot write", &owner, source))?;
         let _ = fs::set_permissions(&owner, fs::Permissions::from_mode(0o644));
@@ -601,7 +611,13 @@ fn shell_quote(s: &OsStr) -> String {
 }
 
 fn read_pid(path: &Path) -> Option<u32> {
-    fs::read_to_string(path).ok()?.lines().next()?.trim().parse().ok()
+    fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Alive as far as `kill(pid, 0)` can tell (EPERM means it exists).
@@ -665,7 +681,7 @@ fn last_log_line(log: &Path) -> Option<String> {
     lines
         .iter()
         .find(|l| l.contains("FATAL") || l.contains("ERROR"))
-        .or_else(|| lines.iter().next())
+        .or_else(|| <[&str]>::first(&lines))
         .map(|l| l.trim().to_owned())
 }
 
@@ -699,7 +715,10 @@ mod tests {
     #[test]
     fn options_quote_the_socket_dir_and_relax_durability_only_without_fsync() {
         let safe = server_options(Path::new("/d/it's"), &EmbeddedOptions::default());
-        assert!(safe.starts_with(r"-k '/d/it'\''s' -c listen_addresses=''"), "{safe}");
+        assert!(
+            safe.starts_with(r"-k '/d/it'\''s' -c listen_addresses=''"),
+            "{safe}"
+        );
         assert!(!safe.contains("fsync=off"));
         let fast = server_options(Path::new("/d"), &EmbeddedOptions { fsync: false });
         assert!(fast.contains("-c fsync=off -c synchronous_commit=off -c full_page_writes=off"));
@@ -744,7 +763,10 @@ mod tests {
         fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755)).unwrap();
         let deep = root.path().join("d".repeat(100));
         let err = EmbeddedPostgres::start(&deep, &EmbeddedOptions::default()).unwrap_err();
-        assert!(matches!(err, EmbeddedError::SocketPathTooLong { .. }), "{err}");
+        assert!(
+            matches!(err, EmbeddedError::SocketPathTooLong { .. }),
+            "{err}"
+        );
         assert!(!err.to_string().contains('\n'));
     }
 
@@ -755,9 +777,8 @@ mod tests {
         }
         let root = tempfile::tempdir().unwrap();
         fs::set_permissions(root.path(), fs::Permissions::from_mode(0o700)).unwrap();
-        let err =
-            EmbeddedPostgres::start(&root.path().join("data"), &EmbeddedOptions::default())
-                .unwrap_err();
+        let err = EmbeddedPostgres::start(&root.path().join("data"), &EmbeddedOptions::default())
+            .unwrap_err();
         assert!(matches!(err, EmbeddedError::NotTraversable { .. }), "{err}");
         assert!(err.to_string().contains(&root.path().display().to_string()));
     }

@@ -134,7 +134,7 @@ async fn invalid_targets_are_refused() {
     // An invalid send frame still gets an ack echoing its id.
     conn.send_json(&json!({"type": "send", "id": "broken"})).await.must();
     let ack = conn
-        .expect_where("ack of the broken send", WAIT, false, |f| f["id"] == "broken")
+        .expect_where("ack of the broken send", WAIT, |f| f["id"] == "broken")
         .await
         .must();
     assert_eq!(ack["type"], "ack", "{ack}");

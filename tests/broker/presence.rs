@@ -146,7 +146,7 @@ async fn set_visible_hides_from_other_members_but_not_the_own_member() {
 
     a_session.send_json(&json!({"type": "set_visible", "visible": false, "_reqId": "v1"})).await.must();
     let ack = a_session
-        .expect_where("set_visible ack", WAIT, false, |f| f["_reqId"] == "v1")
+        .expect_where("set_visible ack", WAIT, |f| f["_reqId"] == "v1")
         .await
         .must();
     assert_eq!(ack["type"], "ack", "{ack}");

@@ -475,7 +475,7 @@ pub async fn expect_refusal(ws_url: &str, frame: &Value, code: &str, close_code:
     let mut conn = Connection::connect(ws_url).await.must();
     conn.send_json(frame).await.must();
     let err = conn
-        .expect_where("an error frame", WAIT, true, |f| f["type"] == "error" || f["type"] == "hello_ack")
+        .expect_where("an error frame", WAIT, |f| f["type"] == "error" || f["type"] == "hello_ack")
         .await
         .must();
     assert_eq!(err["type"], "error", "expected refusal {code}, got {err}");
