@@ -36,7 +36,11 @@ pub struct Broker {
 }
 
 /// Starts a broker on `listener`; must run inside an actix `System`.
-pub async fn start(config: Arc<Config>, pool: Pool, listener: TcpListener) -> anyhow::Result<Broker> {
+pub async fn start(
+    config: Arc<Config>,
+    pool: Pool,
+    listener: TcpListener,
+) -> anyhow::Result<Broker> {
     let local_addr = listener.local_addr()?;
     let shared = Arc::new(Shared {
         send_limits: RateLimiter::new(config.limits.send_burst, config.limits.send_per_sec),
@@ -52,11 +56,12 @@ pub async fn start(config: Arc<Config>, pool: Pool, listener: TcpListener) -> an
         Supervisor::start(move |_| Sweeper::new(shared, registry, fail_next))
     };
     let state = web::Data::new(AppState::new(shared.clone(), registry.clone()));
-    let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
-        .listen(listener)?
-        .disable_signals()
-        .shutdown_timeout(2)
-        .run();
+    let server =
+        HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
+            .listen(listener)?
+            .disable_signals()
+            .shutdown_timeout(2)
+            .run();
     let handle = server.handle();
     let server_task = actix_web::rt::spawn(server);
     tracing::info!(listen = %local_addr, node = %shared.node_id, "meshbroker is serving");

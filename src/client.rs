@@ -214,7 +214,7 @@ pub struct Connection {
     pub auto_pong: bool,
     /// Headers of the 101 response.
     pub response_headers: Vec<(String, String)>,
-    /// Pushes the caller acknowledged, so `ack` can be checked in tests.
+    /// Counter for generated `id`s and `_reqId`s.
     next_id: u64,
 }
 
@@ -330,7 +330,10 @@ impl Connection {
     /// Next event from the socket itself, answering pings on the way.
     async fn recv_socket(&mut self, timeout: Duration) -> anyhow::Result<Event> {
         if let Some((code, reason)) = &self.closed {
-            return Ok(Event::Closed { code: *code, reason: reason.clone() });
+            return Ok(Event::Closed {
+                code: *code,
+                reason: reason.clone(),
+            });
         }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -448,7 +451,10 @@ impl Connection {
     }
 
     /// Waits for the broker to close; frames arriving first are kept.
-    pub async fn expect_close(&mut self, timeout: Duration) -> anyhow::Result<(Option<u16>, String)> {
+    pub async fn expect_close(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<(Option<u16>, String)> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -484,7 +490,11 @@ impl Connection {
     pub async fn send_frame(&mut self, mut frame: Value) -> anyhow::Result<Value> {
         if frame.get("id").is_none() {
             self.next_id += 1;
-            frame["id"] = json!(format!("c{}-{}", self.next_id, uuid::Uuid::new_v4().simple()));
+            frame["id"] = json!(format!(
+                "c{}-{}",
+                self.next_id,
+                uuid::Uuid::new_v4().simple()
+            ));
         }
         let id = frame["id"].clone();
         self.send_json(&frame).await?;
@@ -547,7 +557,8 @@ impl Connection {
 
     /// `set_status` (no reply).
     pub async fn set_status(&mut self, status: &str) -> anyhow::Result<()> {
-        self.send_json(&json!({ "type": "set_status", "status": status })).await
+        self.send_json(&json!({ "type": "set_status", "status": status }))
+            .await
     }
 
     /// Closes with 1000 and waits briefly for the broker's answer.
@@ -663,7 +674,10 @@ pub async fn cli_listen(args: &crate::cli::ClientArgs) -> anyhow::Result<()> {
                 }
             }
             Event::Timeout => {}
-            Event::Closed { code: Some(1000 | 1001), .. } => return Ok(()),
+            Event::Closed {
+                code: Some(1000 | 1001),
+                ..
+            } => return Ok(()),
             Event::Closed { code, reason } => {
                 bail!("broker closed the connection (code {code:?}, reason {reason:?})")
             }
@@ -681,7 +695,9 @@ pub async fn cli_send(
     client_message_id: Option<&str>,
 ) -> anyhow::Result<()> {
     let mut conn = cli_connect(args).await?;
-    let ack = conn.send_message(to, text, priority, client_message_id).await?;
+    let ack = conn
+        .send_message(to, text, priority, client_message_id)
+        .await?;
     print_line(&ack)?;
     let _ = conn.close().await;
     if ack["queued"] != true {
@@ -702,9 +718,20 @@ mod tests {
     #[test]
     fn hello_frame_verifies() {
         let c = creds();
-        let f = hello_frame(&c, &HelloOptions { groups: vec!["a/b".into()], ..Default::default() }, 42);
+        let f = hello_frame(
+            &c,
+            &HelloOptions {
+                groups: vec!["a/b".into()],
+                ..Default::default()
+            },
+            42,
+        );
         let msg = crypto::hello_message("mesh", "member", &c.pubkey(), 42);
-        assert!(crypto::verify_hex(&c.pubkey(), &msg, f["signature"].as_str().unwrap()));
+        assert!(crypto::verify_hex(
+            &c.pubkey(),
+            &msg,
+            f["signature"].as_str().unwrap()
+        ));
         assert_eq!(f["groups"][0]["name"], "a/b");
     }
 
@@ -716,9 +743,17 @@ mod tests {
         let f = session_hello_frame(&c, &sk, 1000, &HelloOptions::default(), 7);
         let att = &f["parentAttestation"];
         let am = crypto::attestation_message(&c.pubkey(), &sp, 1000);
-        assert!(crypto::verify_hex(&c.pubkey(), &am, att["signature"].as_str().unwrap()));
+        assert!(crypto::verify_hex(
+            &c.pubkey(),
+            &am,
+            att["signature"].as_str().unwrap()
+        ));
         let hm = crypto::session_hello_message("mesh", &c.pubkey(), &sp, 7);
-        assert!(crypto::verify_hex(&sp, &hm, f["signature"].as_str().unwrap()));
+        assert!(crypto::verify_hex(
+            &sp,
+            &hm,
+            f["signature"].as_str().unwrap()
+        ));
     }
 
     #[test]

@@ -410,7 +410,11 @@ impl FromStr for Dur {
             "m" => n.checked_mul(60_000),
             "h" => n.checked_mul(3_600_000),
             "d" => n.checked_mul(86_400_000),
-            _ => return Err(format!("duration {s:?} has unknown unit {unit:?} (use ms, s, m, h or d)")),
+            _ => {
+                return Err(format!(
+                    "duration {s:?} has unknown unit {unit:?} (use ms, s, m, h or d)"
+                ))
+            }
         }
         .ok_or_else(|| format!("duration {s:?} is too long"))?;
         Ok(Dur(Duration::from_millis(ms)))
@@ -420,7 +424,12 @@ impl FromStr for Dur {
 impl fmt::Display for Dur {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        let units = [(86_400_000, "d"), (3_600_000, "h"), (60_000, "m"), (1_000, "s")];
+        let units = [
+            (86_400_000, "d"),
+            (3_600_000, "h"),
+            (60_000, "m"),
+            (1_000, "s"),
+        ];
         for (size, unit) in units {
             if ms >= size && ms % size == 0 {
                 return write!(f, "{}{unit}", ms / size);
@@ -449,7 +458,12 @@ mod tests {
 
     #[test]
     fn durations_round_trip() {
-        for (text, ms) in [("250ms", 250), ("30s", 30_000), ("10m", 600_000), ("7d", 604_800_000)] {
+        for (text, ms) in [
+            ("250ms", 250),
+            ("30s", 30_000),
+            ("10m", 600_000),
+            ("7d", 604_800_000),
+        ] {
             let d: Dur = text.parse().unwrap();
             assert_eq!(d.0.as_millis(), ms);
             assert_eq!(d.to_string(), text);
@@ -470,7 +484,8 @@ mod tests {
         let err = Config::parse("[delivery]\nlease = \"soon\"\n", Path::new("c.toml")).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("soon"), "{text}");
-        let err = Config::parse("[delivery]\nmax_in_flight = 0\n", Path::new("c.toml")).unwrap_err();
+        let err =
+            Config::parse("[delivery]\nmax_in_flight = 0\n", Path::new("c.toml")).unwrap_err();
         assert!(err.to_string().contains("delivery.max_in_flight"), "{err}");
     }
 
@@ -480,7 +495,10 @@ mod tests {
             redact_url("postgres://u:secret@h:5432/db"),
             "postgres://u:***@h:5432/db"
         );
-        assert_eq!(redact_url("host=/tmp password=x user=u"), "host=/tmp password=*** user=u");
+        assert_eq!(
+            redact_url("host=/tmp password=x user=u"),
+            "host=/tmp password=*** user=u"
+        );
         let mut c = Config::default();
         c.database.url = Some("postgres://u:secret@h/db".into());
         assert!(!c.to_redacted_toml().contains("secret"));

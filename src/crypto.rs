@@ -19,7 +19,9 @@ pub enum KeyError {
 
 /// True for exactly `len` lowercase hex characters.
 pub fn is_lower_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// True for exactly `len` hex characters of either case.
@@ -102,11 +104,17 @@ pub fn session_hello_message(
     session_pubkey: &str,
     timestamp: i64,
 ) -> String {
-    format!("claudemesh-session-hello|{mesh_id}|{parent_member_pubkey}|{session_pubkey}|{timestamp}")
+    format!(
+        "claudemesh-session-hello|{mesh_id}|{parent_member_pubkey}|{session_pubkey}|{timestamp}"
+    )
 }
 
 /// What a member signs to attest one of its sessions.
-pub fn attestation_message(parent_member_pubkey: &str, session_pubkey: &str, expires_at: i64) -> String {
+pub fn attestation_message(
+    parent_member_pubkey: &str,
+    session_pubkey: &str,
+    expires_at: i64,
+) -> String {
     format!("claudemesh-session-attest|{parent_member_pubkey}|{session_pubkey}|{expires_at}")
 }
 
@@ -131,7 +139,10 @@ mod tests {
         let (_, a) = generate_keypair();
         let (_, b) = generate_keypair();
         let spliced = format!("{}{}", &a[..64], &b[64..]);
-        assert_eq!(parse_secret_key(&spliced).unwrap_err(), KeyError::SecretMismatch);
+        assert_eq!(
+            parse_secret_key(&spliced).unwrap_err(),
+            KeyError::SecretMismatch
+        );
         assert_eq!(parse_secret_key("abc").unwrap_err(), KeyError::SecretFormat);
     }
 }

@@ -28,7 +28,11 @@ pub struct Refusal {
 
 impl Refusal {
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
-        Refusal { code, message: message.into(), close_code: 1008 }
+        Refusal {
+            code,
+            message: message.into(),
+            close_code: 1008,
+        }
     }
 }
 
@@ -53,7 +57,13 @@ pub fn verify_offline(kind: &HelloKind, now_ms: i64, config: &Config) -> Result<
     let skew_ms = config.limits.hello_skew.get().as_millis() as i64;
     let check_skew = |ts: i64| {
         if (now_ms - ts).abs() > skew_ms {
-            Err(Refusal::new("timestamp_skew", format!("timestamp is more than {} from the broker's clock", config.limits.hello_skew)))
+            Err(Refusal::new(
+                "timestamp_skew",
+                format!(
+                    "timestamp is more than {} from the broker's clock",
+                    config.limits.hello_skew
+                ),
+            ))
         } else {
             Ok(())
         }
@@ -61,16 +71,28 @@ pub fn verify_offline(kind: &HelloKind, now_ms: i64, config: &Config) -> Result<
     let claims = match kind {
         HelloKind::Member(h) => {
             let session_pubkey = h.session_pubkey.clone().filter(|s| !s.is_empty());
-            if session_pubkey.as_deref().is_some_and(|s| !crypto::is_lower_hex(s, 64)) {
-                return Err(Refusal::new("bad_session_pubkey", "sessionPubkey must be 64 lowercase hex chars"));
+            if session_pubkey
+                .as_deref()
+                .is_some_and(|s| !crypto::is_lower_hex(s, 64))
+            {
+                return Err(Refusal::new(
+                    "bad_session_pubkey",
+                    "sessionPubkey must be 64 lowercase hex chars",
+                ));
             }
             check_skew(h.timestamp)?;
             if !crypto::is_hex(&h.pubkey, 64) || !crypto::is_hex(&h.signature, 128) {
-                return Err(Refusal::new("malformed", "pubkey must be 64 hex chars and signature 128 hex chars"));
+                return Err(Refusal::new(
+                    "malformed",
+                    "pubkey must be 64 hex chars and signature 128 hex chars",
+                ));
             }
             let signed = crypto::hello_message(&h.mesh_id, &h.member_id, &h.pubkey, h.timestamp);
             if !crypto::verify_hex(&h.pubkey, &signed, &h.signature) {
-                return Err(Refusal::new("bad_signature", "hello signature does not verify"));
+                return Err(Refusal::new(
+                    "bad_signature",
+                    "hello signature does not verify",
+                ));
             }
             let role = match h.role.as_deref() {
                 Some("service") => Role::Service,
@@ -89,29 +111,64 @@ pub fn verify_offline(kind: &HelloKind, now_ms: i64, config: &Config) -> Result<
         }
         HelloKind::Session(h) => {
             if !crypto::is_lower_hex(&h.session_pubkey, 64) {
-                return Err(Refusal::new("bad_session_pubkey", "sessionPubkey must be 64 lowercase hex chars"));
+                return Err(Refusal::new(
+                    "bad_session_pubkey",
+                    "sessionPubkey must be 64 lowercase hex chars",
+                ));
             }
             check_skew(h.timestamp)?;
             let att = &h.parent_attestation;
-            if !crypto::is_hex(&h.parent_member_pubkey, 64) || !crypto::is_hex(&h.signature, 128) || !crypto::is_hex(&att.signature, 128) {
-                return Err(Refusal::new("malformed", "pubkeys must be 64 hex chars and signatures 128 hex chars"));
+            if !crypto::is_hex(&h.parent_member_pubkey, 64)
+                || !crypto::is_hex(&h.signature, 128)
+                || !crypto::is_hex(&att.signature, 128)
+            {
+                return Err(Refusal::new(
+                    "malformed",
+                    "pubkeys must be 64 hex chars and signatures 128 hex chars",
+                ));
             }
-            if att.session_pubkey != h.session_pubkey || att.parent_member_pubkey != h.parent_member_pubkey {
-                return Err(Refusal::new("attestation_mismatch", "the attestation is for another session or member"));
+            if att.session_pubkey != h.session_pubkey
+                || att.parent_member_pubkey != h.parent_member_pubkey
+            {
+                return Err(Refusal::new(
+                    "attestation_mismatch",
+                    "the attestation is for another session or member",
+                ));
             }
             if att.expires_at <= now_ms {
-                return Err(Refusal::new("expired", "the session attestation has expired"));
+                return Err(Refusal::new(
+                    "expired",
+                    "the session attestation has expired",
+                ));
             }
             if att.expires_at > now_ms + MAX_ATTESTATION_MS {
-                return Err(Refusal::new("ttl_too_long", "the session attestation reaches more than 24 h ahead"));
+                return Err(Refusal::new(
+                    "ttl_too_long",
+                    "the session attestation reaches more than 24 h ahead",
+                ));
             }
-            let attested = crypto::attestation_message(&att.parent_member_pubkey, &att.session_pubkey, att.expires_at);
+            let attested = crypto::attestation_message(
+                &att.parent_member_pubkey,
+                &att.session_pubkey,
+                att.expires_at,
+            );
             if !crypto::verify_hex(&h.parent_member_pubkey, &attested, &att.signature) {
-                return Err(Refusal::new("bad_signature", "attestation signature does not verify"));
+                return Err(Refusal::new(
+                    "bad_signature",
+                    "attestation signature does not verify",
+                ));
             }
-            let signed = crypto::session_hello_message(&h.mesh_id, &h.parent_member_pubkey, &h.session_pubkey, h.timestamp);
+            let signed = crypto::session_hello_message(
+                &h.mesh_id,
+                &h.parent_member_pubkey,
+                &h.session_pubkey,
+                h.timestamp,
+            );
             if !crypto::verify_hex(&h.session_pubkey, &signed, &h.signature) {
-                return Err(Refusal::new("bad_signature", "session_hello signature does not verify"));
+                return Err(Refusal::new(
+                    "bad_signature",
+                    "session_hello signature does not verify",
+                ));
             }
             Claims {
                 role: Role::Session,
@@ -125,14 +182,24 @@ pub fn verify_offline(kind: &HelloKind, now_ms: i64, config: &Config) -> Result<
             }
         }
     };
-    claims.info.check_bounds().map_err(|e| Refusal::new("invalid", e))?;
+    claims
+        .info
+        .check_bounds()
+        .map_err(|e| Refusal::new("invalid", e))?;
     Ok(claims)
 }
 
 /// The database checks: replay, member, revocation, member id, capacity.
-pub async fn verify_online(conn: &mut PgConn, claims: &Claims, config: &Config) -> Result<MemberRow, Refusal> {
+pub async fn verify_online(
+    conn: &mut PgConn,
+    claims: &Claims,
+    config: &Config,
+) -> Result<MemberRow, Refusal> {
     let unavailable = |_| Refusal::new("unavailable", "database unavailable, retry");
-    if !queries::record_hello(conn, &claims.signature).await.map_err(unavailable)? {
+    if !queries::record_hello(conn, &claims.signature)
+        .await
+        .map_err(unavailable)?
+    {
         return Err(Refusal::new("replayed", "this hello was already used"));
     }
     let unknown = || Refusal::new("unauthorized", "no such member in this mesh");
@@ -142,20 +209,32 @@ pub async fn verify_online(conn: &mut PgConn, claims: &Claims, config: &Config) 
         .map_err(unavailable)?
         .ok_or_else(unknown)?;
     if member.revoked_at.is_some() {
-        return Err(Refusal { code: "revoked", message: "this member was revoked".into(), close_code: 4002 });
+        return Err(Refusal {
+            code: "revoked",
+            message: "this member was revoked".into(),
+            close_code: 4002,
+        });
     }
     if let Some(claimed) = &claims.member_id {
         if !claimed.eq_ignore_ascii_case(&member.id.to_string()) {
             return Err(if claims.attested {
-                Refusal::new("parent_member_id_mismatch", "parentMemberId is not this member's id")
+                Refusal::new(
+                    "parent_member_id_mismatch",
+                    "parentMemberId is not this member's id",
+                )
             } else {
                 Refusal::new("unauthorized", "memberId is not this member's id")
             });
         }
     }
-    let live = queries::live_connections(conn, mesh_id).await.map_err(unavailable)?;
+    let live = queries::live_connections(conn, mesh_id)
+        .await
+        .map_err(unavailable)?;
     if live >= i64::from(config.limits.max_connections_per_mesh) {
-        return Err(Refusal::new("capacity", "this mesh has as many connections as it may"));
+        return Err(Refusal::new(
+            "capacity",
+            "this mesh has as many connections as it may",
+        ));
     }
     Ok(member)
 }

@@ -29,7 +29,11 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(shared: Arc<Shared>, registry: Addr<Registry>) -> Self {
-        AppState { shared, registry, hook_limits: RateLimiter::new(HOOK_BURST, HOOK_PER_SEC) }
+        AppState {
+            shared,
+            registry,
+            hook_limits: RateLimiter::new(HOOK_BURST, HOOK_PER_SEC),
+        }
     }
 }
 
@@ -43,7 +47,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 
 /// Upgrades to the protocol. permessage-deflate is never negotiated: the
 /// handshake answers without a `Sec-WebSocket-Extensions` header.
-async fn websocket(req: HttpRequest, stream: web::Payload, state: web::Data<AppState>) -> actix_web::Result<HttpResponse> {
+async fn websocket(
+    req: HttpRequest,
+    stream: web::Payload,
+    state: web::Data<AppState>,
+) -> actix_web::Result<HttpResponse> {
     let session = WsSession::new(state.shared.clone(), state.registry.clone());
     ws::WsResponseBuilder::new(session, &req, stream)
         .frame_size(state.shared.config.limits.max_frame_bytes)
@@ -52,7 +60,11 @@ async fn websocket(req: HttpRequest, stream: web::Payload, state: web::Data<AppS
 
 async fn health(state: web::Data<AppState>) -> HttpResponse {
     let db_up = match state.shared.pool.get().await {
-        Ok(mut conn) => diesel_async::RunQueryDsl::execute(diesel::sql_query("SELECT 1"), &mut *conn).await.is_ok(),
+        Ok(mut conn) => {
+            diesel_async::RunQueryDsl::execute(diesel::sql_query("SELECT 1"), &mut *conn)
+                .await
+                .is_ok()
+        }
         Err(_) => false,
     };
     HttpResponse::Ok().json(json!({
@@ -74,7 +86,9 @@ async fn ready(state: web::Data<AppState>) -> HttpResponse {
     };
     match reason {
         None => HttpResponse::Ok().json(json!({"ready": true})),
-        Some(why) => HttpResponse::ServiceUnavailable().json(json!({"ready": false, "reason": why})),
+        Some(why) => {
+            HttpResponse::ServiceUnavailable().json(json!({"ready": false, "reason": why}))
+        }
     }
 }
 
@@ -85,7 +99,10 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         Err(_) => None,
     };
     let s = shared.pool.state();
-    let pool = PoolState { idle: s.idle_connections, in_use: s.connections - s.idle_connections };
+    let pool = PoolState {
+        idle: s.idle_connections,
+        in_use: s.connections - s.idle_connections,
+    };
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(shared.metrics.render(queue, pool))
@@ -104,7 +121,11 @@ struct HookBody {
 
 /// claudemesh's Claude Code hooks: set a session's status by `session_id`
 /// (or, from loopback only, by pid/cwd). A `dnd` status is left alone.
-async fn hook_set_status(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+async fn hook_set_status(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> HttpResponse {
     let fail = |status: actix_web::http::StatusCode, error: &str| {
         HttpResponse::build(status).json(json!({"ok": false, "error": error}))
     };
@@ -119,36 +140,58 @@ async fn hook_set_status(req: HttpRequest, body: web::Bytes, state: web::Data<Ap
         return fail(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
     }
     let Ok(hook) = serde_json::from_slice::<HookBody>(&body) else {
-        return fail(StatusCode::BAD_REQUEST, "invalid: expected {\"status\",\"session_id\"}");
+        return fail(
+            StatusCode::BAD_REQUEST,
+            "invalid: expected {\"status\",\"session_id\"}",
+        );
     };
     if !matches!(hook.status.as_str(), "idle" | "working" | "dnd") {
-        return fail(StatusCode::BAD_REQUEST, "invalid: status must be idle, working or dnd");
+        return fail(
+            StatusCode::BAD_REQUEST,
+            "invalid: status must be idle, working or dnd",
+        );
     }
     let loopback = peer.is_some_and(|ip| ip.is_loopback());
     let Ok(mut conn) = state.shared.pool.get().await else {
         return fail(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
     };
     let found = match (&hook.session_id, loopback) {
-        (Some(sid), _) if !sid.is_empty() => queries::live_sessions_by_session_id(&mut conn, sid).await,
+        (Some(sid), _) if !sid.is_empty() => {
+            queries::live_sessions_by_session_id(&mut conn, sid).await
+        }
         (_, true) if hook.pid.is_some() || hook.cwd.is_some() => {
             queries::live_sessions_by_process(&mut conn, hook.pid, hook.cwd.as_deref()).await
         }
-        (_, false) => return fail(StatusCode::FORBIDDEN, "forbidden: session_id required from a non-loopback peer"),
+        (_, false) => {
+            return fail(
+                StatusCode::FORBIDDEN,
+                "forbidden: session_id required from a non-loopback peer",
+            )
+        }
         _ => return fail(StatusCode::BAD_REQUEST, "invalid: session_id required"),
     };
     let Ok(found) = found else {
         return fail(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
     };
     let Some((presence_id, current)) = found.into_iter().next() else {
-        return fail(StatusCode::NOT_FOUND, "not_found: no live session with that session_id");
+        return fail(
+            StatusCode::NOT_FOUND,
+            "not_found: no live session with that session_id",
+        );
     };
     if current == "dnd" {
-        return HttpResponse::Ok().json(json!({"ok": true, "presence_id": presence_id, "unchanged": "dnd"}));
+        return HttpResponse::Ok()
+            .json(json!({"ok": true, "presence_id": presence_id, "unchanged": "dnd"}));
     }
-    if queries::set_status(&mut conn, presence_id, &hook.status).await.is_err() {
+    if queries::set_status(&mut conn, presence_id, &hook.status)
+        .await
+        .is_err()
+    {
         return fail(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
     }
     drop(conn);
-    state.registry.do_send(registry::Changed::Status { presence_id });
+    state
+        .registry
+        .do_send(registry::Changed::Status { presence_id });
     HttpResponse::Ok().json(json!({"ok": true, "presence_id": presence_id}))
 }

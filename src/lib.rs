@@ -15,16 +15,16 @@
 //! - [`client`]: a small real client, used by `meshbroker client` and the tests.
 //! - [`cli`]: the command line.
 
+pub mod actors;
 pub mod admin;
+pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod db;
-pub mod ids;
-pub mod protocol;
-pub mod metrics;
-pub mod actors;
-pub mod broker;
 pub mod handshake;
 pub mod http;
+pub mod ids;
+pub mod metrics;
+pub mod protocol;

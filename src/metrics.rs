@@ -51,7 +51,12 @@ struct Labeled(Mutex<BTreeMap<&'static str, u64>>);
 
 impl Labeled {
     fn inc(&self, label: &'static str) {
-        *self.0.lock().expect("metrics lock").entry(label).or_default() += 1;
+        *self
+            .0
+            .lock()
+            .expect("metrics lock")
+            .entry(label)
+            .or_default() += 1;
     }
     fn snapshot(&self) -> Vec<(&'static str, u64)> {
         let map = self.0.lock().expect("metrics lock");
@@ -92,11 +97,19 @@ impl Histogram {
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", bucket.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                bucket.load(Relaxed)
+            );
         }
         let count = self.count.load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_micros.load(Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(out, "{name}_count {count}");
     }
 }
@@ -260,23 +273,59 @@ impl Metrics {
             &self.messages_rejected.snapshot(),
         );
         let counters: [(&str, &str, &AtomicU64); 7] = [
-            ("meshbroker_deliveries_claimed_total", "Deliveries claimed with a lease.", &self.deliveries_claimed),
-            ("meshbroker_deliveries_pushed_total", "Pushes written to a connection.", &self.deliveries_pushed),
-            ("meshbroker_deliveries_acked_total", "Deliveries marked delivered by a client_ack.", &self.deliveries_acked),
-            ("meshbroker_deliveries_redelivered_total", "Claims of a delivery pushed before (attempt > 1).", &self.deliveries_redelivered),
-            ("meshbroker_leases_expired_total", "Leases the sweeper found expired and cleared.", &self.leases_expired),
-            ("meshbroker_deliveries_dead_lettered_total", "Deliveries dead-lettered after max_attempts.", &self.dead_lettered),
-            ("meshbroker_sweeper_runs_total", "Completed sweeper passes.", &self.sweeper_runs),
+            (
+                "meshbroker_deliveries_claimed_total",
+                "Deliveries claimed with a lease.",
+                &self.deliveries_claimed,
+            ),
+            (
+                "meshbroker_deliveries_pushed_total",
+                "Pushes written to a connection.",
+                &self.deliveries_pushed,
+            ),
+            (
+                "meshbroker_deliveries_acked_total",
+                "Deliveries marked delivered by a client_ack.",
+                &self.deliveries_acked,
+            ),
+            (
+                "meshbroker_deliveries_redelivered_total",
+                "Claims of a delivery pushed before (attempt > 1).",
+                &self.deliveries_redelivered,
+            ),
+            (
+                "meshbroker_leases_expired_total",
+                "Leases the sweeper found expired and cleared.",
+                &self.leases_expired,
+            ),
+            (
+                "meshbroker_deliveries_dead_lettered_total",
+                "Deliveries dead-lettered after max_attempts.",
+                &self.dead_lettered,
+            ),
+            (
+                "meshbroker_sweeper_runs_total",
+                "Completed sweeper passes.",
+                &self.sweeper_runs,
+            ),
         ];
         for (name, help, c) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                c.load(Relaxed)
+            );
         }
         if let Some(q) = queue {
             let _ = writeln!(
                 out,
                 "# HELP meshbroker_queue_deliveries Undelivered deliveries in the database, by state.\n# TYPE meshbroker_queue_deliveries gauge"
             );
-            for (state, v) in [("pending", q.pending), ("claimed", q.claimed), ("dead", q.dead)] {
+            for (state, v) in [
+                ("pending", q.pending),
+                ("claimed", q.claimed),
+                ("dead", q.dead),
+            ] {
                 let _ = writeln!(out, "meshbroker_queue_deliveries{{state=\"{state}\"}} {v}");
             }
         }
@@ -299,16 +348,34 @@ impl Metrics {
         for (name, kind, help, values) in per_kind {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for k in ActorKind::ALL {
-                let _ = writeln!(out, "{name}{{kind=\"{}\"}} {}", k.label(), values[k as usize].load(Relaxed));
+                let _ = writeln!(
+                    out,
+                    "{name}{{kind=\"{}\"}} {}",
+                    k.label(),
+                    values[k as usize].load(Relaxed)
+                );
             }
         }
         for (name, help, values) in [
-            ("meshbroker_actor_messages_total", "Messages handled by actors, by kind.", &self.actor_messages),
-            ("meshbroker_actor_restarts_total", "Supervisor restarts of actors, by kind.", &self.actor_restarts),
+            (
+                "meshbroker_actor_messages_total",
+                "Messages handled by actors, by kind.",
+                &self.actor_messages,
+            ),
+            (
+                "meshbroker_actor_restarts_total",
+                "Supervisor restarts of actors, by kind.",
+                &self.actor_restarts,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             for k in ActorKind::ALL {
-                let _ = writeln!(out, "{name}{{kind=\"{}\"}} {}", k.label(), values[k as usize].load(Relaxed));
+                let _ = writeln!(
+                    out,
+                    "{name}{{kind=\"{}\"}} {}",
+                    k.label(),
+                    values[k as usize].load(Relaxed)
+                );
             }
         }
         let _ = writeln!(
@@ -339,7 +406,14 @@ mod tests {
         m.message_rejected("rate_limit");
         m.observe_delivery(0.02);
         m.actor_started(ActorKind::Drain);
-        let text = m.render(Some(QueueDepth { pending: 3, claimed: 1, dead: 0 }), PoolState { idle: 2, in_use: 1 });
+        let text = m.render(
+            Some(QueueDepth {
+                pending: 3,
+                claimed: 1,
+                dead: 0,
+            }),
+            PoolState { idle: 2, in_use: 1 },
+        );
         assert!(text.contains("meshbroker_connections{role=\"session\"} 1"));
         assert!(text.contains("meshbroker_messages_accepted_total{priority=\"now\"} 1"));
         assert!(text.contains("meshbroker_messages_rejected_total{reason=\"rate_limit\"} 1"));

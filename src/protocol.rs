@@ -104,8 +104,14 @@ pub fn check_groups(groups: &[Group]) -> Result<(), String> {
     }
     for g in groups {
         check_group_name(&g.name)?;
-        if g.role.as_deref().is_some_and(|r| r.len() > bounds::SHORT_FIELD) {
-            return Err(format!("group role is longer than {} bytes", bounds::SHORT_FIELD));
+        if g.role
+            .as_deref()
+            .is_some_and(|r| r.len() > bounds::SHORT_FIELD)
+        {
+            return Err(format!(
+                "group role is longer than {} bytes",
+                bounds::SHORT_FIELD
+            ));
         }
     }
     Ok(())
@@ -113,7 +119,10 @@ pub fn check_groups(groups: &[Group]) -> Result<(), String> {
 
 pub fn check_group_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > bounds::GROUP_NAME {
-        return Err(format!("group name must be 1 to {} bytes", bounds::GROUP_NAME));
+        return Err(format!(
+            "group name must be 1 to {} bytes",
+            bounds::GROUP_NAME
+        ));
     }
     Ok(())
 }
@@ -274,7 +283,11 @@ pub fn decode(text: &str) -> Result<Request, DecodeError> {
     };
     let ty = match map.get("type") {
         Some(Value::String(t)) => t.clone(),
-        _ => return Err(DecodeError::Malformed("frame has no string \"type\"".into())),
+        _ => {
+            return Err(DecodeError::Malformed(
+                "frame has no string \"type\"".into(),
+            ))
+        }
     };
     let req_id = map.get("_reqId").and_then(Value::as_str).map(str::to_owned);
     let send_id = map.get("id").and_then(Value::as_str).map(str::to_owned);
@@ -531,10 +544,16 @@ mod tests {
     fn decode_classifies_frames() {
         assert!(matches!(decode("nope"), Err(DecodeError::Malformed(_))));
         assert!(matches!(decode("[1]"), Err(DecodeError::Malformed(_))));
-        assert!(matches!(decode(r#"{"x":1}"#), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode(r#"{"x":1}"#),
+            Err(DecodeError::Malformed(_))
+        ));
         assert_eq!(
             decode(r#"{"type":"warp","_reqId":"r1"}"#).unwrap_err(),
-            DecodeError::Unsupported { ty: "warp".into(), req_id: Some("r1".into()) }
+            DecodeError::Unsupported {
+                ty: "warp".into(),
+                req_id: Some("r1".into())
+            }
         );
         assert!(matches!(
             decode(r#"{"type":"send","id":"s1"}"#),
@@ -551,7 +570,9 @@ mod tests {
             r#"{"type":"hello","meshId":"m","memberId":"x","pubkey":"p","timestamp":1,"signature":"s","groups":["a",{"name":"b","role":"lead"}]}"#,
         )
         .unwrap();
-        let ClientFrame::Hello(h) = r.frame else { panic!() };
+        let ClientFrame::Hello(h) = r.frame else {
+            panic!()
+        };
         assert_eq!(h.info.groups.len(), 2);
         assert_eq!(h.info.groups[1].role.as_deref(), Some("lead"));
     }

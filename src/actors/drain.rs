@@ -18,7 +18,7 @@ use uuid::Uuid;
 use super::registry::Registry;
 use super::session::{Outbound, WsSession};
 use super::Shared;
-use crate::db::queries::{self, Claimed, ClaimSpec};
+use crate::db::queries::{self, ClaimSpec, Claimed};
 use crate::ids::Role;
 use crate::metrics::{ActorKind, Metrics};
 use crate::protocol::{self, Push};
@@ -117,7 +117,8 @@ impl Drain {
                 *e = (*id, rank);
             }
         }
-        let keyed: std::collections::HashSet<Uuid> = best_for_key.values().map(|(id, _)| *id).collect();
+        let keyed: std::collections::HashSet<Uuid> =
+            best_for_key.values().map(|(id, _)| *id).collect();
         let mut plans = Vec::new();
         for (id, c) in self.conns.iter_mut() {
             let wide = Some(*id) == member_wide;
@@ -126,7 +127,11 @@ impl Drain {
             }
             let limit = c.room(cfg.max_in_flight).min(i64::from(cfg.claim_batch));
             if limit > 0 {
-                let key = if keyed.contains(id) { c.key.clone() } else { String::new() };
+                let key = if keyed.contains(id) {
+                    c.key.clone()
+                } else {
+                    String::new()
+                };
                 plans.push((*id, key, wide, limit));
             }
         }
@@ -162,7 +167,9 @@ impl Drain {
                     node_id: shared.node_id.0,
                     max_attempts: cfg.max_attempts as i32,
                 };
-                let rows = queries::claim(&mut conn, &spec).await.map_err(|e| e.to_string())?;
+                let rows = queries::claim(&mut conn, &spec)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 batches.push((presence_id, limit, rows));
             }
             Ok::<_, String>(batches)
@@ -434,7 +441,9 @@ impl Handler<Settle> for Drain {
         let shared = self.shared.clone();
         let lease = shared.config.delivery.lease.get();
         let (presence_id, is_nack, delay) = match &msg {
-            Settle::Nack { presence_id, delay, .. } => (*presence_id, true, *delay),
+            Settle::Nack {
+                presence_id, delay, ..
+            } => (*presence_id, true, *delay),
             Settle::InProgress { presence_id, .. } => (*presence_id, false, Duration::ZERO),
         };
         if !self.conns.contains_key(&presence_id) {
@@ -444,12 +453,15 @@ impl Handler<Settle> for Drain {
             async move {
                 let mut conn = shared.pool.get().await.map_err(|e| e.to_string())?;
                 match msg {
-                    Settle::Nack { presence_id, message_id, delay } => {
-                        queries::nack(&mut conn, presence_id, message_id, delay).await
-                    }
-                    Settle::InProgress { presence_id, message_id } => {
-                        queries::extend_lease(&mut conn, presence_id, message_id, lease).await
-                    }
+                    Settle::Nack {
+                        presence_id,
+                        message_id,
+                        delay,
+                    } => queries::nack(&mut conn, presence_id, message_id, delay).await,
+                    Settle::InProgress {
+                        presence_id,
+                        message_id,
+                    } => queries::extend_lease(&mut conn, presence_id, message_id, lease).await,
                 }
                 .map_err(|e| e.to_string())
             }
@@ -464,7 +476,8 @@ impl Handler<Settle> for Drain {
                             ctx.run_later(delay, |act, ctx| act.drain(ctx));
                         }
                     } else if let Some(c) = act.conns.get_mut(&presence_id) {
-                        let until = Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default();
+                        let until =
+                            Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default();
                         for id in ids {
                             if let Some(e) = c.in_flight.get_mut(&id) {
                                 *e = until;

@@ -46,7 +46,9 @@ pub struct ConnEntry {
 impl ConnEntry {
     /// The pubkey peers know this connection by.
     fn pubkey(&self) -> &str {
-        self.session_pubkey.as_deref().unwrap_or(&self.member_pubkey)
+        self.session_pubkey
+            .as_deref()
+            .unwrap_or(&self.member_pubkey)
     }
 }
 
@@ -191,7 +193,9 @@ impl Handler<Connect> for Registry {
         let drain = self
             .drains
             .entry(entry.member_id)
-            .or_insert_with(|| Drain::new(self.shared.clone(), entry.member_id, ctx.address()).start())
+            .or_insert_with(|| {
+                Drain::new(self.shared.clone(), entry.member_id, ctx.address()).start()
+            })
             .clone();
         drain.do_send(drain::AddConn {
             presence_id: entry.presence_id,
@@ -288,7 +292,10 @@ impl Handler<Reclaimed> for Registry {
         self.count();
         let mut by_member: HashMap<Uuid, Vec<i64>> = HashMap::new();
         for row in msg.0 {
-            by_member.entry(row.recipient_member_id).or_default().push(row.id);
+            by_member
+                .entry(row.recipient_member_id)
+                .or_default()
+                .push(row.id);
         }
         for (member, ids) in by_member {
             if let Some(drain) = self.drains.get(&member) {
@@ -327,9 +334,17 @@ impl Handler<GraceEnded> for Registry {
 #[rtype(result = "()")]
 pub enum Changed {
     /// Its status (already written to the database): the gate may open.
-    Status { presence_id: Uuid },
-    Visible { presence_id: Uuid, visible: bool },
-    Groups { presence_id: Uuid, groups: Vec<Group> },
+    Status {
+        presence_id: Uuid,
+    },
+    Visible {
+        presence_id: Uuid,
+        visible: bool,
+    },
+    Groups {
+        presence_id: Uuid,
+        groups: Vec<Group>,
+    },
 }
 
 impl Handler<Changed> for Registry {
@@ -345,16 +360,31 @@ impl Handler<Changed> for Registry {
                     }
                 }
             }
-            Changed::Visible { presence_id, visible } => {
-                let Some(c) = self.conns.get_mut(&presence_id) else { return };
+            Changed::Visible {
+                presence_id,
+                visible,
+            } => {
+                let Some(c) = self.conns.get_mut(&presence_id) else {
+                    return;
+                };
                 if c.visible == visible {
                     return;
                 }
                 c.visible = visible;
                 let c = c.clone();
-                self.announce(&c, if visible { "peer_visible" } else { "peer_hidden" });
+                self.announce(
+                    &c,
+                    if visible {
+                        "peer_visible"
+                    } else {
+                        "peer_hidden"
+                    },
+                );
             }
-            Changed::Groups { presence_id, groups } => {
+            Changed::Groups {
+                presence_id,
+                groups,
+            } => {
                 if let Some(c) = self.conns.get_mut(&presence_id) {
                     c.groups = groups;
                 }
@@ -408,7 +438,9 @@ impl Handler<Kick> for Registry {
                         || c.member_pubkey == *t
                         || (t.len() >= 4
                             && (c.member_pubkey.starts_with(t.as_str())
-                                || c.session_pubkey.as_deref().is_some_and(|p| p.starts_with(t.as_str()))))
+                                || c.session_pubkey
+                                    .as_deref()
+                                    .is_some_and(|p| p.starts_with(t.as_str()))))
                 }
             };
             if !matches {
@@ -419,8 +451,15 @@ impl Handler<Kick> for Registry {
                 out.skipped_control_plane.push(c.display_name.clone());
                 continue;
             }
-            let (code, reason) = if msg.skip_control_plane { (4001, "kicked") } else { (1000, "disconnected") };
-            c.addr.do_send(CloseConn { code, reason: reason.into() });
+            let (code, reason) = if msg.skip_control_plane {
+                (4001, "kicked")
+            } else {
+                (1000, "disconnected")
+            };
+            c.addr.do_send(CloseConn {
+                code,
+                reason: reason.into(),
+            });
             out.kicked.push(c.display_name.clone());
         }
         out

@@ -22,8 +22,8 @@ use crate::db::queries::{self, MemberRow, NewMessage, NewPresence, Recipient, Se
 use crate::ids::Role;
 use crate::metrics::ActorKind;
 use crate::protocol::{
-    self, bounds, ClientFrame, DecodeError, ErrorFrame, Group, HelloAck, KickAck, MemberProfile, Peer, PeersList,
-    SendAck, SendFrame,
+    self, bounds, ClientFrame, DecodeError, ErrorFrame, Group, HelloAck, KickAck, MemberProfile,
+    Peer, PeersList, SendAck, SendFrame,
 };
 use crate::{crypto, handshake};
 
@@ -38,10 +38,16 @@ pub struct Outbound {
 
 impl Outbound {
     pub fn deliveries(frames: Vec<String>) -> Self {
-        Outbound { frames, deliveries: true }
+        Outbound {
+            frames,
+            deliveries: true,
+        }
     }
     pub fn system(frame: String) -> Self {
-        Outbound { frames: vec![frame], deliveries: false }
+        Outbound {
+            frames: vec![frame],
+            deliveries: false,
+        }
     }
 }
 
@@ -92,14 +98,20 @@ impl WsSession {
 
     fn heard(&mut self) {
         self.last_heard = Instant::now();
-        self.last_seen.store(chrono::Utc::now().timestamp_millis(), Relaxed);
+        self.last_seen
+            .store(chrono::Utc::now().timestamp_millis(), Relaxed);
     }
 
     fn send_json<T: Serialize>(ctx: &mut ws::WebsocketContext<Self>, frame: &T) {
         ctx.text(serde_json::to_string(frame).expect("frames serialize"));
     }
 
-    fn error(ctx: &mut ws::WebsocketContext<Self>, code: &str, message: impl Into<String>, req_id: Option<String>) {
+    fn error(
+        ctx: &mut ws::WebsocketContext<Self>,
+        code: &str,
+        message: impl Into<String>,
+        req_id: Option<String>,
+    ) {
         Self::send_json(ctx, &ErrorFrame::new(code, message, req_id));
     }
 
@@ -123,9 +135,19 @@ impl WsSession {
             Ok(r) => r,
             Err(DecodeError::Malformed(m)) => return Self::error(ctx, "malformed", m, None),
             Err(DecodeError::Unsupported { ty, req_id }) => {
-                return Self::error(ctx, "unsupported", format!("unsupported frame type {ty:?}"), req_id)
+                return Self::error(
+                    ctx,
+                    "unsupported",
+                    format!("unsupported frame type {ty:?}"),
+                    req_id,
+                )
             }
-            Err(DecodeError::Invalid { ty, req_id, id, message }) => {
+            Err(DecodeError::Invalid {
+                ty,
+                req_id,
+                id,
+                message,
+            }) => {
                 if self.ready.is_none() && !(ty == "hello" || ty == "session_hello") {
                     return Self::error(ctx, "no_hello", "must send hello first", req_id);
                 }
@@ -135,7 +157,10 @@ impl WsSession {
                     }
                     "send" => {
                         self.shared.metrics.message_rejected("invalid");
-                        Self::send_json(ctx, &SendAck::refused(id.unwrap_or_default(), "invalid", &message))
+                        Self::send_json(
+                            ctx,
+                            &SendAck::refused(id.unwrap_or_default(), "invalid", &message),
+                        )
                     }
                     _ => Self::error(ctx, "invalid", message, req_id),
                 };
@@ -144,7 +169,9 @@ impl WsSession {
         let req_id = request.req_id;
         match (request.frame, self.ready.is_some()) {
             (ClientFrame::Hello(h), false) => self.hello(handshake::HelloKind::Member(h), ctx),
-            (ClientFrame::SessionHello(h), false) => self.hello(handshake::HelloKind::Session(h), ctx),
+            (ClientFrame::SessionHello(h), false) => {
+                self.hello(handshake::HelloKind::Session(h), ctx)
+            }
             (ClientFrame::Hello(_) | ClientFrame::SessionHello(_), true) => {
                 Self::error(ctx, "invalid", "this connection already said hello", req_id)
             }
@@ -158,10 +185,11 @@ impl WsSession {
 
     fn hello(&mut self, kind: handshake::HelloKind, ctx: &mut ws::WebsocketContext<Self>) {
         let cfg = &self.shared.config;
-        let claims = match handshake::verify_offline(&kind, chrono::Utc::now().timestamp_millis(), cfg) {
-            Ok(c) => c,
-            Err(refusal) => return self.refuse(ctx, refusal),
-        };
+        let claims =
+            match handshake::verify_offline(&kind, chrono::Utc::now().timestamp_millis(), cfg) {
+                Ok(c) => c,
+                Err(refusal) => return self.refuse(ctx, refusal),
+            };
         let presence_id = Uuid::new_v4();
         self.pending_presence = Some(presence_id);
         let shared = self.shared.clone();
@@ -169,16 +197,21 @@ impl WsSession {
         let addr = ctx.address();
         let last_seen = self.last_seen.clone();
         let fut = async move {
-            let mut conn = shared
-                .pool
-                .get()
-                .await
-                .map_err(|_| handshake::Refusal::new("unavailable", "database unavailable, retry"))?;
-            let member = handshake::verify_online(&mut conn, &claims, &shared.config)
-                .await?;
+            let mut conn = shared.pool.get().await.map_err(|_| {
+                handshake::Refusal::new("unavailable", "database unavailable, retry")
+            })?;
+            let member = handshake::verify_online(&mut conn, &claims, &shared.config).await?;
             let info = &claims.info;
-            let session_id = info.session_id.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| Uuid::new_v4().to_string());
-            let display_name = info.display_name.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| member.name.clone());
+            let session_id = info
+                .session_id
+                .clone()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| Uuid::new_v4().to_string());
+            let display_name = info
+                .display_name
+                .clone()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| member.name.clone());
             let row = NewPresence {
                 id: presence_id,
                 mesh_id: member.mesh_id,
@@ -196,9 +229,9 @@ impl WsSession {
                 model: info.model.clone(),
                 broker_node_id: shared.node_id.0,
             };
-            let silent = queries::open_presence(&mut conn, &row)
-                .await
-                .map_err(|_| handshake::Refusal::new("unavailable", "database unavailable, retry"))?;
+            let silent = queries::open_presence(&mut conn, &row).await.map_err(|_| {
+                handshake::Refusal::new("unavailable", "database unavailable, retry")
+            })?;
             drop(conn);
             let entry = ConnEntry {
                 presence_id,
@@ -261,7 +294,12 @@ impl WsSession {
 
     // -- frames after hello ----------------------------------------------
 
-    fn on_frame(&mut self, frame: ClientFrame, req_id: Option<String>, ctx: &mut ws::WebsocketContext<Self>) {
+    fn on_frame(
+        &mut self,
+        frame: ClientFrame,
+        req_id: Option<String>,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
         let ready = self.ready.as_mut().expect("called after hello");
         match frame {
             ClientFrame::Send(send) => self.send(*send, ctx),
@@ -283,31 +321,61 @@ impl WsSession {
                     Some(Err(e)) => return Self::error(ctx, "invalid", e, req_id),
                 };
                 if let Ok(message_id) = n.broker_message_id.parse() {
-                    ready.drain.do_send(drain::Settle::Nack { presence_id: ready.presence_id, message_id, delay });
+                    ready.drain.do_send(drain::Settle::Nack {
+                        presence_id: ready.presence_id,
+                        message_id,
+                        delay,
+                    });
                 }
             }
             ClientFrame::InProgress(p) => {
                 if let Ok(message_id) = p.broker_message_id.parse() {
-                    ready.drain.do_send(drain::Settle::InProgress { presence_id: ready.presence_id, message_id });
+                    ready.drain.do_send(drain::Settle::InProgress {
+                        presence_id: ready.presence_id,
+                        message_id,
+                    });
                 }
             }
             ClientFrame::ListPeers(l) => self.list_peers(l.roles, req_id, ctx),
             ClientFrame::SetStatus { status } => {
                 if !matches!(status.as_str(), "idle" | "working" | "dnd") {
-                    return Self::error(ctx, "invalid", "status must be idle, working or dnd", req_id);
+                    return Self::error(
+                        ctx,
+                        "invalid",
+                        "status must be idle, working or dnd",
+                        req_id,
+                    );
                 }
                 let presence_id = ready.presence_id;
                 let registry = self.registry.clone();
-                self.write_presence(ctx, async move |conn| queries::set_status(conn, presence_id, &status).await, move |_| {
-                    registry.do_send(registry::Changed::Status { presence_id });
-                });
+                self.write_presence(
+                    ctx,
+                    async move |conn| queries::set_status(conn, presence_id, &status).await,
+                    move |_| {
+                        registry.do_send(registry::Changed::Status { presence_id });
+                    },
+                );
             }
             ClientFrame::SetSummary { summary } => {
-                if summary.as_deref().is_some_and(|s| s.len() > bounds::SUMMARY) {
-                    return Self::error(ctx, "invalid", format!("summary is longer than {} bytes", bounds::SUMMARY), req_id);
+                if summary
+                    .as_deref()
+                    .is_some_and(|s| s.len() > bounds::SUMMARY)
+                {
+                    return Self::error(
+                        ctx,
+                        "invalid",
+                        format!("summary is longer than {} bytes", bounds::SUMMARY),
+                        req_id,
+                    );
                 }
                 let presence_id = ready.presence_id;
-                self.write_presence(ctx, async move |conn| queries::set_summary(conn, presence_id, summary.as_deref()).await, |_| {});
+                self.write_presence(
+                    ctx,
+                    async move |conn| {
+                        queries::set_summary(conn, presence_id, summary.as_deref()).await
+                    },
+                    |_| {},
+                );
             }
             ClientFrame::SetVisible { visible } => {
                 let presence_id = ready.presence_id;
@@ -322,10 +390,17 @@ impl WsSession {
                     error: None,
                     req_id,
                 };
-                self.write_presence(ctx, async move |conn| queries::set_visible(conn, presence_id, visible).await, move |ctx| {
-                    registry.do_send(registry::Changed::Visible { presence_id, visible });
-                    Self::send_json(ctx, &ack);
-                });
+                self.write_presence(
+                    ctx,
+                    async move |conn| queries::set_visible(conn, presence_id, visible).await,
+                    move |ctx| {
+                        registry.do_send(registry::Changed::Visible {
+                            presence_id,
+                            visible,
+                        });
+                        Self::send_json(ctx, &ack);
+                    },
+                );
             }
             ClientFrame::JoinGroup(group) => {
                 if let Err(e) = protocol::check_group_name(&group.name) {
@@ -367,7 +442,12 @@ impl WsSession {
             .into_actor(self)
             .map(move |result, _, ctx| match result {
                 Ok(()) => then(ctx),
-                Err(e) => Self::error(ctx, "unavailable", format!("database unavailable: {e}"), None),
+                Err(e) => Self::error(
+                    ctx,
+                    "unavailable",
+                    format!("database unavailable: {e}"),
+                    None,
+                ),
             }),
         );
     }
@@ -378,30 +458,52 @@ impl WsSession {
         let groups = ready.groups.clone();
         let json = serde_json::to_value(&groups).expect("groups serialize");
         let registry = self.registry.clone();
-        self.write_presence(ctx, async move |conn| queries::set_groups(conn, presence_id, &json).await, move |_| {
-            registry.do_send(registry::Changed::Groups { presence_id, groups });
-        });
+        self.write_presence(
+            ctx,
+            async move |conn| queries::set_groups(conn, presence_id, &json).await,
+            move |_| {
+                registry.do_send(registry::Changed::Groups {
+                    presence_id,
+                    groups,
+                });
+            },
+        );
     }
 
-    fn list_peers(&mut self, roles: Option<Vec<String>>, req_id: Option<String>, ctx: &mut ws::WebsocketContext<Self>) {
+    fn list_peers(
+        &mut self,
+        roles: Option<Vec<String>>,
+        req_id: Option<String>,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
         let ready = self.ready.as_ref().expect("after hello");
         let (mesh_id, own_member) = (ready.mesh_id, ready.member.id);
         let pool = self.shared.pool.clone();
         ctx.spawn(
             async move {
                 let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-                queries::listed_presence(&mut conn, mesh_id).await.map_err(|e| e.to_string())
+                queries::listed_presence(&mut conn, mesh_id)
+                    .await
+                    .map_err(|e| e.to_string())
             }
             .into_actor(self)
             .map(move |result, _, ctx| match result {
-                Err(e) => Self::error(ctx, "unavailable", format!("database unavailable: {e}"), req_id),
+                Err(e) => Self::error(
+                    ctx,
+                    "unavailable",
+                    format!("database unavailable: {e}"),
+                    req_id,
+                ),
                 Ok(rows) => {
                     let peers = rows
                         .into_iter()
                         .filter(|r| r.visible || r.member_id == own_member)
                         .filter(|r| roles.as_ref().is_none_or(|roles| roles.contains(&r.role)))
                         .map(|r| Peer {
-                            pubkey: r.session_pubkey.clone().unwrap_or_else(|| r.member_pubkey.clone()),
+                            pubkey: r
+                                .session_pubkey
+                                .clone()
+                                .unwrap_or_else(|| r.member_pubkey.clone()),
                             member_pubkey: r.member_pubkey,
                             display_name: r.display_name,
                             status: r.status,
@@ -417,16 +519,34 @@ impl WsSession {
                             model: r.model,
                         })
                         .collect();
-                    Self::send_json(ctx, &PeersList { ty: "peers_list", req_id, peers });
+                    Self::send_json(
+                        ctx,
+                        &PeersList {
+                            ty: "peers_list",
+                            req_id,
+                            peers,
+                        },
+                    );
                 }
             }),
         );
     }
 
-    fn kick(&mut self, k: protocol::KickFrame, skip_control_plane: bool, req_id: Option<String>, ctx: &mut ws::WebsocketContext<Self>) {
+    fn kick(
+        &mut self,
+        k: protocol::KickFrame,
+        skip_control_plane: bool,
+        req_id: Option<String>,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
         let ready = self.ready.as_ref().expect("after hello");
         if !ready.member.admin {
-            return Self::error(ctx, "forbidden", "kick and disconnect need an admin member", req_id);
+            return Self::error(
+                ctx,
+                "forbidden",
+                "kick and disconnect need an admin member",
+                req_id,
+            );
         }
         let selector = if k.all == Some(true) {
             KickSelector::All
@@ -437,20 +557,34 @@ impl WsSession {
         } else {
             return Self::error(ctx, "invalid", "give target, all or stale", req_id);
         };
-        let msg = registry::Kick { mesh_id: ready.mesh_id, asker: ready.presence_id, selector, skip_control_plane };
-        ctx.wait(self.registry.send(msg).into_actor(self).map(move |result, _, ctx| {
-            let out = result.unwrap_or_default();
-            Self::send_json(
-                ctx,
-                &KickAck {
-                    ty: if skip_control_plane { "kick_ack" } else { "disconnect_ack" },
-                    kicked: out.kicked,
-                    affected: out.affected,
-                    skipped_control_plane: out.skipped_control_plane,
-                    req_id,
-                },
-            );
-        }));
+        let msg = registry::Kick {
+            mesh_id: ready.mesh_id,
+            asker: ready.presence_id,
+            selector,
+            skip_control_plane,
+        };
+        ctx.wait(
+            self.registry
+                .send(msg)
+                .into_actor(self)
+                .map(move |result, _, ctx| {
+                    let out = result.unwrap_or_default();
+                    Self::send_json(
+                        ctx,
+                        &KickAck {
+                            ty: if skip_control_plane {
+                                "kick_ack"
+                            } else {
+                                "disconnect_ack"
+                            },
+                            kicked: out.kicked,
+                            affected: out.affected,
+                            skipped_control_plane: out.skipped_control_plane,
+                            req_id,
+                        },
+                    );
+                }),
+        );
     }
 
     // -- send -------------------------------------------------------------
@@ -458,14 +592,24 @@ impl WsSession {
     fn send(&mut self, send: SendFrame, ctx: &mut ws::WebsocketContext<Self>) {
         let ready = self.ready.as_ref().expect("after hello");
         let id = send.id.clone().unwrap_or_default();
-        let refuse = |ctx: &mut ws::WebsocketContext<Self>, metrics: &crate::metrics::Metrics, code: &'static str, text: &str| {
+        let refuse = |ctx: &mut ws::WebsocketContext<Self>,
+                      metrics: &crate::metrics::Metrics,
+                      code: &'static str,
+                      text: &str| {
             metrics.message_rejected(code);
             Self::send_json(ctx, &SendAck::refused(id.clone(), code, text));
         };
         let metrics = &self.shared.metrics;
         let limits = &self.shared.config.limits;
-        if send.nonce.len() + send.ciphertext.len() + send.target_spec.len() > limits.max_message_bytes {
-            return refuse(ctx, metrics, "payload_too_large", &format!("message is larger than {} bytes", limits.max_message_bytes));
+        if send.nonce.len() + send.ciphertext.len() + send.target_spec.len()
+            > limits.max_message_bytes
+        {
+            return refuse(
+                ctx,
+                metrics,
+                "payload_too_large",
+                &format!("message is larger than {} bytes", limits.max_message_bytes),
+            );
         }
         if !self.shared.send_limits.allow(&ready.member.id) {
             return refuse(ctx, metrics, "rate_limit", "too many sends, slow down");
@@ -479,11 +623,25 @@ impl WsSession {
             Err(e) => return refuse(ctx, metrics, "invalid", &e),
         };
         if target == Target::Pubkey(ready.member.pubkey.clone()) {
-            return refuse(ctx, metrics, "invalid", "cannot send to your own member pubkey");
+            return refuse(
+                ctx,
+                metrics,
+                "invalid",
+                "cannot send to your own member pubkey",
+            );
         }
-        for (name, v) in [("client_message_id", &send.client_message_id), ("request_fingerprint", &send.request_fingerprint), ("replyToId", &send.reply_to_id)] {
+        for (name, v) in [
+            ("client_message_id", &send.client_message_id),
+            ("request_fingerprint", &send.request_fingerprint),
+            ("replyToId", &send.reply_to_id),
+        ] {
             if v.as_deref().is_some_and(|v| v.len() > bounds::CLIENT_ID) {
-                return refuse(ctx, metrics, "invalid", &format!("{name} is longer than {} bytes", bounds::CLIENT_ID));
+                return refuse(
+                    ctx,
+                    metrics,
+                    "invalid",
+                    &format!("{name} is longer than {} bytes", bounds::CLIENT_ID),
+                );
             }
         }
         let cfg = self.shared.config.clone();
@@ -507,33 +665,72 @@ impl WsSession {
         let pool = self.shared.pool.clone();
         let sender_member = ready.member.id;
         let fut = async move {
-            let mut conn = pool.get().await.map_err(|_| ("unavailable", "database unavailable, retry".to_owned()))?;
+            let mut conn = pool
+                .get()
+                .await
+                .map_err(|_| ("unavailable", "database unavailable, retry".to_owned()))?;
             let db = |_| ("unavailable", "database unavailable, retry".to_owned());
-            let recipients = target.recipients(&mut conn, msg.mesh_id, sender_member).await.map_err(db)?;
-            let Some(recipients) = recipients else {
-                return Err(("not_found", format!("no member or session {} in this mesh", msg.target_spec)));
-            };
-            let members: Vec<Uuid> = recipients.iter().map(|r| r.member_id).collect();
-            let outcome = queries::store_message(&mut conn, msg, recipients, cfg.delivery.dedupe_window.get())
+            let recipients = target
+                .recipients(&mut conn, msg.mesh_id, sender_member)
                 .await
                 .map_err(db)?;
+            let Some(recipients) = recipients else {
+                return Err((
+                    "not_found",
+                    format!("no member or session {} in this mesh", msg.target_spec),
+                ));
+            };
+            let members: Vec<Uuid> = recipients.iter().map(|r| r.member_id).collect();
+            let outcome = queries::store_message(
+                &mut conn,
+                msg,
+                recipients,
+                cfg.delivery.dedupe_window.get(),
+            )
+            .await
+            .map_err(db)?;
             Ok((outcome, members))
         };
         // `wait`: this connection's sends are stored in the order sent.
         ctx.wait(fut.into_actor(self).map(move |result, act, ctx| {
             let metrics = &act.shared.metrics;
             match result {
-                Ok((SendOutcome::Stored { message_id, recipients }, members)) => {
+                Ok((
+                    SendOutcome::Stored {
+                        message_id,
+                        recipients,
+                    },
+                    members,
+                )) => {
                     metrics.message_accepted(&priority);
-                    Self::send_json(ctx, &SendAck::queued(id, message_id.to_string(), false, recipients));
+                    Self::send_json(
+                        ctx,
+                        &SendAck::queued(id, message_id.to_string(), false, recipients),
+                    );
                     act.registry.do_send(registry::WakeMembers(members));
                 }
-                Ok((SendOutcome::Duplicate { message_id, recipients }, _)) => {
-                    Self::send_json(ctx, &SendAck::queued(id, message_id.to_string(), true, recipients));
+                Ok((
+                    SendOutcome::Duplicate {
+                        message_id,
+                        recipients,
+                    },
+                    _,
+                )) => {
+                    Self::send_json(
+                        ctx,
+                        &SendAck::queued(id, message_id.to_string(), true, recipients),
+                    );
                 }
                 Ok((SendOutcome::KeyReused, _)) => {
                     metrics.message_rejected("idempotency_key_reused");
-                    Self::send_json(ctx, &SendAck::refused(id, "idempotency_key_reused", "client_message_id was used for a different request"));
+                    Self::send_json(
+                        ctx,
+                        &SendAck::refused(
+                            id,
+                            "idempotency_key_reused",
+                            "client_message_id was used for a different request",
+                        ),
+                    );
                 }
                 Err((code, text)) => {
                     metrics.message_rejected(code);
@@ -557,7 +754,10 @@ enum Target {
 impl Target {
     fn parse(spec: &str) -> Result<Target, String> {
         if spec.len() > bounds::TARGET_SPEC {
-            return Err(format!("targetSpec is longer than {} bytes", bounds::TARGET_SPEC));
+            return Err(format!(
+                "targetSpec is longer than {} bytes",
+                bounds::TARGET_SPEC
+            ));
         }
         match spec {
             "*" | "@all" => Ok(Target::All),
@@ -569,15 +769,28 @@ impl Target {
     }
 
     /// Who receives it; `None` when a pubkey target was never known here.
-    async fn recipients(&self, conn: &mut crate::db::PgConn, mesh_id: Uuid, sender: Uuid) -> diesel::QueryResult<Option<Vec<Recipient>>> {
+    async fn recipients(
+        &self,
+        conn: &mut crate::db::PgConn,
+        mesh_id: Uuid,
+        sender: Uuid,
+    ) -> diesel::QueryResult<Option<Vec<Recipient>>> {
         match self {
             Target::Pubkey(pk) => {
                 if let Some(m) = queries::member_by_pubkey(conn, mesh_id, pk).await? {
-                    return Ok(Some(vec![Recipient { member_id: m.id, key: None }]));
+                    return Ok(Some(vec![Recipient {
+                        member_id: m.id,
+                        key: None,
+                    }]));
                 }
                 Ok(queries::member_of_session(conn, mesh_id, pk)
                     .await?
-                    .map(|member_id| vec![Recipient { member_id, key: Some(pk.clone()) }]))
+                    .map(|member_id| {
+                        vec![Recipient {
+                            member_id,
+                            key: Some(pk.clone()),
+                        }]
+                    }))
             }
             Target::All | Target::Group(_) => {
                 let mut seen = std::collections::HashSet::new();
@@ -587,7 +800,8 @@ impl Target {
                         .filter(|r| r.member_id != sender)
                         .filter(|r| match self {
                             Target::Group(g) => {
-                                let groups: Vec<Group> = serde_json::from_value(r.groups.clone()).unwrap_or_default();
+                                let groups: Vec<Group> =
+                                    serde_json::from_value(r.groups.clone()).unwrap_or_default();
                                 groups.iter().any(|have| in_group(&have.name, g))
                             }
                             _ => true,
@@ -606,7 +820,10 @@ impl Target {
 
 /// Group names are hierarchical: `a/b/c` is in `a/b` and in `a`.
 fn in_group(have: &str, wanted: &str) -> bool {
-    have == wanted || (have.len() > wanted.len() && have.starts_with(wanted) && have.as_bytes()[wanted.len()] == b'/')
+    have == wanted
+        || (have.len() > wanted.len()
+            && have.starts_with(wanted)
+            && have.as_bytes()[wanted.len()] == b'/')
 }
 
 impl Actor for WsSession {
@@ -631,7 +848,9 @@ impl Actor for WsSession {
         metrics.actor_stopped(ActorKind::Session);
         if let Some(ready) = &self.ready {
             metrics.connection_closed(ready.role);
-            self.registry.do_send(registry::Disconnect { presence_id: ready.presence_id });
+            self.registry.do_send(registry::Disconnect {
+                presence_id: ready.presence_id,
+            });
         } else if let Some(presence_id) = self.pending_presence {
             self.registry.do_send(registry::Disconnect { presence_id });
         }
@@ -654,8 +873,18 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
             ws::Message::Text(text) => self.on_text(&text, ctx),
             ws::Message::Ping(p) => ctx.pong(&p),
             ws::Message::Pong(_) => {}
-            ws::Message::Binary(_) => Self::error(ctx, "malformed", "binary frames are not supported; send JSON text frames", None),
-            ws::Message::Continuation(_) => Self::error(ctx, "malformed", "fragmented frames are not supported", None),
+            ws::Message::Binary(_) => Self::error(
+                ctx,
+                "malformed",
+                "binary frames are not supported; send JSON text frames",
+                None,
+            ),
+            ws::Message::Continuation(_) => Self::error(
+                ctx,
+                "malformed",
+                "fragmented frames are not supported",
+                None,
+            ),
             ws::Message::Close(_) => ctx.stop(),
             ws::Message::Nop => {}
         }
@@ -667,7 +896,10 @@ impl Handler<Outbound> for WsSession {
     fn handle(&mut self, msg: Outbound, ctx: &mut Self::Context) {
         self.shared.metrics.actor_message(ActorKind::Session);
         if msg.deliveries {
-            crate::metrics::Metrics::add(&self.shared.metrics.deliveries_pushed, msg.frames.len() as u64);
+            crate::metrics::Metrics::add(
+                &self.shared.metrics.deliveries_pushed,
+                msg.frames.len() as u64,
+            );
         }
         for frame in msg.frames {
             ctx.text(frame);

@@ -30,7 +30,12 @@ pub struct Sweeper {
 
 impl Sweeper {
     pub fn new(shared: Arc<Shared>, registry: Addr<Registry>, fail_next: Arc<AtomicBool>) -> Self {
-        Sweeper { shared, registry, fail_next, running: false }
+        Sweeper {
+            shared,
+            registry,
+            fail_next,
+            running: false,
+        }
     }
 
     fn sweep(&mut self, ctx: &mut Context<Self>) {
@@ -48,14 +53,23 @@ impl Sweeper {
             let mut conn = shared.pool.get().await.map_err(|e| e.to_string())?;
             let e = |e: diesel::result::Error| e.to_string();
             let max_attempts = cfg.delivery.max_attempts as i32;
-            let dead = queries::dead_letter(&mut conn, max_attempts, BATCH).await.map_err(e)?;
+            let dead = queries::dead_letter(&mut conn, max_attempts, BATCH)
+                .await
+                .map_err(e)?;
             let expired = queries::expire_leases(&mut conn, BATCH).await.map_err(e)?;
             let grace = queries::end_grace(&mut conn).await.map_err(e)?;
             let presence = &cfg.presence;
-            let silent_for = (presence.pong_timeout.get() * 2).max(presence.ping_interval.get() * 3);
-            queries::reap_stale_presence(&mut conn, silent_for).await.map_err(e)?;
-            queries::forget_hellos(&mut conn, cfg.limits.hello_skew.get() * 2).await.map_err(e)?;
-            queries::close_dedupe_windows(&mut conn, cfg.delivery.dedupe_window.get(), BATCH).await.map_err(e)?;
+            let silent_for =
+                (presence.pong_timeout.get() * 2).max(presence.ping_interval.get() * 3);
+            queries::reap_stale_presence(&mut conn, silent_for)
+                .await
+                .map_err(e)?;
+            queries::forget_hellos(&mut conn, cfg.limits.hello_skew.get() * 2)
+                .await
+                .map_err(e)?;
+            queries::close_dedupe_windows(&mut conn, cfg.delivery.dedupe_window.get(), BATCH)
+                .await
+                .map_err(e)?;
             Ok((dead, expired, grace))
         };
         ctx.spawn(fut.into_actor(self).map(|result, act, ctx| {
@@ -67,7 +81,10 @@ impl Sweeper {
                     Metrics::add(&m.leases_expired, expired.len() as u64);
                     Metrics::add(&m.dead_lettered, dead.len() as u64);
                     if !dead.is_empty() {
-                        tracing::warn!(count = dead.len(), "dead-lettered deliveries past delivery.max_attempts");
+                        tracing::warn!(
+                            count = dead.len(),
+                            "dead-lettered deliveries past delivery.max_attempts"
+                        );
                     }
                     let reclaimed: Vec<_> = expired.into_iter().chain(dead).collect();
                     if !reclaimed.is_empty() {

@@ -77,7 +77,10 @@ pub async fn connect(url: &str, size: u32) -> Result<Pool, DbError> {
         .retry_connection(false)
         .build_unchecked(manager);
     // Fail fast with the real reason rather than a pool timeout later.
-    let conn = pool.get().await.map_err(|e| DbError::Connect(e.to_string()))?;
+    let conn = pool
+        .get()
+        .await
+        .map_err(|e| DbError::Connect(e.to_string()))?;
     drop(conn);
     Ok(pool)
 }
@@ -117,10 +120,9 @@ pub async fn migrations_current(conn: &mut AsyncPgConnection) -> QueryResult<boo
         #[diesel(sql_type = diesel::sql_types::Text)]
         version: String,
     }
-    let applied: Vec<Version> =
-        diesel::sql_query("SELECT version FROM __diesel_schema_migrations")
-            .load(conn)
-            .await?;
+    let applied: Vec<Version> = diesel::sql_query("SELECT version FROM __diesel_schema_migrations")
+        .load(conn)
+        .await?;
     let applied: std::collections::HashSet<String> =
         applied.into_iter().map(|v| v.version).collect();
     let wanted = diesel::migration::MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS)

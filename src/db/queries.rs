@@ -6,7 +6,9 @@
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{Array, Bool, Double, Int4, Int8, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel::sql_types::{
+    Array, Bool, Double, Int4, Int8, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid,
+};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use serde_json::Value;
 use uuid::Uuid;
@@ -34,7 +36,11 @@ pub struct MemberRow {
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
-pub async fn member_by_pubkey(conn: &mut Conn, mesh_id: Uuid, pubkey: &str) -> QueryResult<Option<MemberRow>> {
+pub async fn member_by_pubkey(
+    conn: &mut Conn,
+    mesh_id: Uuid,
+    pubkey: &str,
+) -> QueryResult<Option<MemberRow>> {
     member::table
         .filter(member::mesh_id.eq(mesh_id))
         .filter(member::pubkey.eq(pubkey))
@@ -45,7 +51,12 @@ pub async fn member_by_pubkey(conn: &mut Conn, mesh_id: Uuid, pubkey: &str) -> Q
 }
 
 pub async fn member_by_id(conn: &mut Conn, id: Uuid) -> QueryResult<Option<MemberRow>> {
-    member::table.find(id).select(MemberRow::as_select()).first(conn).await.optional()
+    member::table
+        .find(id)
+        .select(MemberRow::as_select())
+        .first(conn)
+        .await
+        .optional()
 }
 
 /// Records an accepted hello signature; false when it was already seen
@@ -97,42 +108,45 @@ pub struct NewPresence {
 pub async fn open_presence(conn: &mut Conn, row: &NewPresence) -> QueryResult<bool> {
     let row = row.clone();
     conn.transaction::<_, diesel::result::Error, _>(async move |conn| {
-        {
-            let in_grace = presence::table
-                .filter(presence::mesh_id.eq(row.mesh_id))
-                .filter(presence::grace_until.gt(diesel::dsl::now));
-            let taken: Vec<Uuid> = if row.role == "session" {
-                diesel::update(
-                    in_grace
-                        .filter(presence::role.eq("session"))
-                        .filter(presence::session_pubkey.eq(row.session_pubkey.clone().unwrap_or_default())),
-                )
-                .set(presence::grace_until.eq(None::<DateTime<Utc>>))
-                .returning(presence::id)
-                .get_results(conn)
-                .await?
-            } else {
-                diesel::update(
-                    in_grace
-                        .filter(presence::role.ne("session"))
-                        .filter(presence::member_id.eq(row.member_id))
-                        .filter(presence::session_id.eq(&row.session_id)),
-                )
-                .set(presence::grace_until.eq(None::<DateTime<Utc>>))
-                .returning(presence::id)
-                .get_results(conn)
-                .await?
-            };
-            diesel::insert_into(presence::table).values(&row).execute(conn).await?;
-            Ok(!taken.is_empty())
-        }
+        let in_grace = presence::table
+            .filter(presence::mesh_id.eq(row.mesh_id))
+            .filter(presence::grace_until.gt(diesel::dsl::now));
+        let taken: Vec<Uuid> = if row.role == "session" {
+            diesel::update(in_grace.filter(presence::role.eq("session")).filter(
+                presence::session_pubkey.eq(row.session_pubkey.clone().unwrap_or_default()),
+            ))
+            .set(presence::grace_until.eq(None::<DateTime<Utc>>))
+            .returning(presence::id)
+            .get_results(conn)
+            .await?
+        } else {
+            diesel::update(
+                in_grace
+                    .filter(presence::role.ne("session"))
+                    .filter(presence::member_id.eq(row.member_id))
+                    .filter(presence::session_id.eq(&row.session_id)),
+            )
+            .set(presence::grace_until.eq(None::<DateTime<Utc>>))
+            .returning(presence::id)
+            .get_results(conn)
+            .await?
+        };
+        diesel::insert_into(presence::table)
+            .values(&row)
+            .execute(conn)
+            .await?;
+        Ok(!taken.is_empty())
     })
     .await
 }
 
 /// Marks a connection closed; with `grace` it stays listed (and can be
 /// taken over) until then.
-pub async fn close_presence(conn: &mut Conn, id: Uuid, grace: Option<std::time::Duration>) -> QueryResult<()> {
+pub async fn close_presence(
+    conn: &mut Conn,
+    id: Uuid,
+    grace: Option<std::time::Duration>,
+) -> QueryResult<()> {
     let grace_until = grace.map(|g| Utc::now() + chrono::Duration::from_std(g).unwrap_or_default());
     diesel::update(presence::table.find(id))
         .set((
@@ -145,22 +159,34 @@ pub async fn close_presence(conn: &mut Conn, id: Uuid, grace: Option<std::time::
 }
 
 pub async fn set_status(conn: &mut Conn, id: Uuid, status: &str) -> QueryResult<()> {
-    diesel::update(presence::table.find(id)).set(presence::status.eq(status)).execute(conn).await?;
+    diesel::update(presence::table.find(id))
+        .set(presence::status.eq(status))
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
 pub async fn set_summary(conn: &mut Conn, id: Uuid, summary: Option<&str>) -> QueryResult<()> {
-    diesel::update(presence::table.find(id)).set(presence::summary.eq(summary)).execute(conn).await?;
+    diesel::update(presence::table.find(id))
+        .set(presence::summary.eq(summary))
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
 pub async fn set_visible(conn: &mut Conn, id: Uuid, visible: bool) -> QueryResult<()> {
-    diesel::update(presence::table.find(id)).set(presence::visible.eq(visible)).execute(conn).await?;
+    diesel::update(presence::table.find(id))
+        .set(presence::visible.eq(visible))
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
 pub async fn set_groups(conn: &mut Conn, id: Uuid, groups: &Value) -> QueryResult<()> {
-    diesel::update(presence::table.find(id)).set(presence::groups.eq(groups)).execute(conn).await?;
+    diesel::update(presence::table.find(id))
+        .set(presence::groups.eq(groups))
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -198,7 +224,11 @@ pub async fn listed_presence(conn: &mut Conn, mesh_id: Uuid) -> QueryResult<Vec<
     presence::table
         .inner_join(member::table)
         .filter(presence::mesh_id.eq(mesh_id))
-        .filter(presence::disconnected_at.is_null().or(presence::grace_until.gt(diesel::dsl::now)))
+        .filter(
+            presence::disconnected_at
+                .is_null()
+                .or(presence::grace_until.gt(diesel::dsl::now)),
+        )
         .order(presence::connected_at)
         .select((
             presence::id,
@@ -224,7 +254,11 @@ pub async fn listed_presence(conn: &mut Conn, mesh_id: Uuid) -> QueryResult<Vec<
 }
 
 /// The member that ever connected in this mesh with session pubkey `key`.
-pub async fn member_of_session(conn: &mut Conn, mesh_id: Uuid, key: &str) -> QueryResult<Option<Uuid>> {
+pub async fn member_of_session(
+    conn: &mut Conn,
+    mesh_id: Uuid,
+    key: &str,
+) -> QueryResult<Option<Uuid>> {
     presence::table
         .filter(presence::mesh_id.eq(mesh_id))
         .filter(presence::session_pubkey.eq(key))
@@ -236,7 +270,10 @@ pub async fn member_of_session(conn: &mut Conn, mesh_id: Uuid, key: &str) -> Que
 }
 
 /// Live `session` connections whose session id is `session_id` (the hook).
-pub async fn live_sessions_by_session_id(conn: &mut Conn, session_id: &str) -> QueryResult<Vec<(Uuid, String)>> {
+pub async fn live_sessions_by_session_id(
+    conn: &mut Conn,
+    session_id: &str,
+) -> QueryResult<Vec<(Uuid, String)>> {
     presence::table
         .filter(presence::session_id.eq(session_id))
         .filter(presence::role.eq("session"))
@@ -247,7 +284,11 @@ pub async fn live_sessions_by_session_id(conn: &mut Conn, session_id: &str) -> Q
 }
 
 /// Live `session` connections matching a pid and/or cwd (loopback hooks only).
-pub async fn live_sessions_by_process(conn: &mut Conn, pid: Option<i64>, cwd: Option<&str>) -> QueryResult<Vec<(Uuid, String)>> {
+pub async fn live_sessions_by_process(
+    conn: &mut Conn,
+    pid: Option<i64>,
+    cwd: Option<&str>,
+) -> QueryResult<Vec<(Uuid, String)>> {
     let mut q = presence::table
         .filter(presence::role.eq("session"))
         .filter(presence::disconnected_at.is_null())
@@ -311,7 +352,8 @@ pub async fn store_message(
         {
             if let Some(key) = &msg.dedupe_key {
                 // A key whose window has closed is free again.
-                let cutoff = Utc::now() - chrono::Duration::from_std(dedupe_window).unwrap_or_default();
+                let cutoff =
+                    Utc::now() - chrono::Duration::from_std(dedupe_window).unwrap_or_default();
                 diesel::update(
                     message::table
                         .filter(message::sender_member_id.eq(msg.sender_member_id))
@@ -345,7 +387,10 @@ pub async fn store_message(
                     .count()
                     .get_result(conn)
                     .await?;
-                return Ok(SendOutcome::Duplicate { message_id: id, recipients: recipients as u32 });
+                return Ok(SendOutcome::Duplicate {
+                    message_id: id,
+                    recipients: recipients as u32,
+                });
             };
             let rows: Vec<_> = recipients
                 .iter()
@@ -362,9 +407,15 @@ pub async fn store_message(
                 })
                 .collect();
             if !rows.is_empty() {
-                diesel::insert_into(message_queue::table).values(rows).execute(conn).await?;
+                diesel::insert_into(message_queue::table)
+                    .values(rows)
+                    .execute(conn)
+                    .await?;
             }
-            Ok(SendOutcome::Stored { message_id, recipients: recipients.len() as u32 })
+            Ok(SendOutcome::Stored {
+                message_id,
+                recipients: recipients.len() as u32,
+            })
         }
     })
     .await
@@ -606,14 +657,21 @@ fn release() -> (
 }
 
 /// Marks every presence row of this broker process disconnected (shutdown).
-pub async fn close_node_presence(conn: &mut Conn, node_id: Uuid, grace: std::time::Duration) -> QueryResult<usize> {
+pub async fn close_node_presence(
+    conn: &mut Conn,
+    node_id: Uuid,
+    grace: std::time::Duration,
+) -> QueryResult<usize> {
     let grace_until = Utc::now() + chrono::Duration::from_std(grace).unwrap_or_default();
     diesel::update(
         presence::table
             .filter(presence::broker_node_id.eq(node_id))
             .filter(presence::disconnected_at.is_null()),
     )
-    .set((presence::disconnected_at.eq(diesel::dsl::now), presence::grace_until.eq(grace_until)))
+    .set((
+        presence::disconnected_at.eq(diesel::dsl::now),
+        presence::grace_until.eq(grace_until),
+    ))
     .execute(conn)
     .await
 }
@@ -634,7 +692,11 @@ pub struct Swept {
 
 /// Dead-letters deliveries that used up their attempts and are not under a
 /// live lease. Bounded by `batch`.
-pub async fn dead_letter(conn: &mut Conn, max_attempts: i32, batch: i64) -> QueryResult<Vec<Swept>> {
+pub async fn dead_letter(
+    conn: &mut Conn,
+    max_attempts: i32,
+    batch: i64,
+) -> QueryResult<Vec<Swept>> {
     diesel::sql_query(
         "UPDATE mesh.message_queue q
             SET dead_at = now(), dead_reason = 'max_attempts', claim_presence_id = NULL,
@@ -704,14 +766,20 @@ pub async fn end_grace(conn: &mut Conn) -> QueryResult<Vec<GraceEnded>> {
 
 /// Presence rows that claim to be connected but whose broker stopped
 /// refreshing them (it died): closed, so they stop counting as live.
-pub async fn reap_stale_presence(conn: &mut Conn, silent_for: std::time::Duration) -> QueryResult<usize> {
+pub async fn reap_stale_presence(
+    conn: &mut Conn,
+    silent_for: std::time::Duration,
+) -> QueryResult<usize> {
     let cutoff = Utc::now() - chrono::Duration::from_std(silent_for).unwrap_or_default();
     diesel::update(
         presence::table
             .filter(presence::disconnected_at.is_null())
             .filter(presence::last_seen_at.lt(cutoff)),
     )
-    .set((presence::disconnected_at.eq(diesel::dsl::now), presence::grace_until.eq(diesel::dsl::now)))
+    .set((
+        presence::disconnected_at.eq(diesel::dsl::now),
+        presence::grace_until.eq(diesel::dsl::now),
+    ))
     .execute(conn)
     .await
 }
@@ -720,11 +788,17 @@ pub async fn reap_stale_presence(conn: &mut Conn, silent_for: std::time::Duratio
 /// refused `timestamp_skew` anyway).
 pub async fn forget_hellos(conn: &mut Conn, older_than: std::time::Duration) -> QueryResult<usize> {
     let cutoff = Utc::now() - chrono::Duration::from_std(older_than).unwrap_or_default();
-    diesel::delete(hello_seen::table.filter(hello_seen::seen_at.lt(cutoff))).execute(conn).await
+    diesel::delete(hello_seen::table.filter(hello_seen::seen_at.lt(cutoff)))
+        .execute(conn)
+        .await
 }
 
 /// Frees idempotency keys whose window has closed, in a bounded batch.
-pub async fn close_dedupe_windows(conn: &mut Conn, window: std::time::Duration, batch: i64) -> QueryResult<usize> {
+pub async fn close_dedupe_windows(
+    conn: &mut Conn,
+    window: std::time::Duration,
+    batch: i64,
+) -> QueryResult<usize> {
     diesel::sql_query(
         "UPDATE mesh.message SET dedupe_key = NULL
           WHERE id IN (SELECT id FROM mesh.message
@@ -756,7 +830,11 @@ pub async fn queue_depth(conn: &mut Conn) -> QueryResult<QueueDepth> {
     )
     .get_result(conn)
     .await?;
-    Ok(QueueDepth { pending: row.pending, claimed: row.claimed, dead: row.dead })
+    Ok(QueueDepth {
+        pending: row.pending,
+        claimed: row.claimed,
+        dead: row.dead,
+    })
 }
 
 /// Ids of members with undelivered, unclaimed deliveries among `members`

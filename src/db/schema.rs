@@ -104,4 +104,11 @@ diesel::joinable!(presence -> member (member_id));
 diesel::joinable!(message -> member (sender_member_id));
 diesel::joinable!(message_queue -> message (message_id));
 
-diesel::allow_tables_to_appear_in_same_query!(mesh, member, presence, message, message_queue, hello_seen);
+diesel::allow_tables_to_appear_in_same_query!(
+    mesh,
+    member,
+    presence,
+    message,
+    message_queue,
+    hello_seen
+);

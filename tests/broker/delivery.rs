@@ -24,7 +24,10 @@ async fn dm_to_an_online_member_is_pushed_at_once_and_acked() {
     let mut ac = env.connect(&a).await;
     let mut bc = env.connect(&b).await;
 
-    let ack = ac.send_message(&b.pubkey(), "hello bob", "now", None).await.must();
+    let ack = ac
+        .send_message(&b.pubkey(), "hello bob", "now", None)
+        .await
+        .must();
     assert_eq!(ack["type"], "ack");
     assert_eq!(ack["queued"], true, "{ack}");
     assert_eq!(ack["duplicate"], false, "{ack}");
@@ -42,16 +45,24 @@ async fn dm_to_an_online_member_is_pushed_at_once_and_acked() {
     assert_eq!(push["senderName"], "alice", "{push}");
     assert_eq!(push["priority"], "now", "{push}");
     assert_eq!(push["ciphertext"], "hello bob", "{push}");
-    assert!(push["nonce"].as_str().is_some_and(|n| n.starts_with('n')), "{push}");
+    assert!(
+        push["nonce"].as_str().is_some_and(|n| n.starts_with('n')),
+        "{push}"
+    );
     assert_eq!(push["targetSpec"], b.pubkey().as_str(), "{push}");
     assert_eq!(push["attempt"], 1, "{push}");
     let created = push["createdAt"].as_str().expect("createdAt");
-    assert!(chrono::DateTime::parse_from_rfc3339(created).is_ok() && created.ends_with('Z'), "{push}");
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(created).is_ok() && created.ends_with('Z'),
+        "{push}"
+    );
 
     bc.ack(&push).await.must();
-    env.wait_rows(&deliveries_of(&message_id), "delivered_at set by client_ack", |rows| {
-        rows.len() == 1 && !rows[0]["delivered_at"].is_null()
-    })
+    env.wait_rows(
+        &deliveries_of(&message_id),
+        "delivered_at set by client_ack",
+        |rows| rows.len() == 1 && !rows[0]["delivered_at"].is_null(),
+    )
     .await;
 }
 
@@ -61,7 +72,10 @@ async fn dm_to_an_offline_member_is_delivered_when_it_connects() {
     let a = env.member("alice").await;
     let b = env.member("bob").await;
     let mut ac = env.connect(&a).await;
-    let ack = ac.send_message(&b.pubkey(), "while you were out", "next", Some("cm-1")).await.must();
+    let ack = ac
+        .send_message(&b.pubkey(), "while you were out", "next", Some("cm-1"))
+        .await
+        .must();
     assert_eq!(ack["queued"], true, "store and forward: {ack}");
     let mut bc = env.connect(&b).await;
     let push = bc.expect("push", WAIT).await.must();
@@ -78,13 +92,20 @@ async fn pending_deliveries_arrive_oldest_first() {
     let b = env.member("bob").await;
     let mut ac = env.connect(&a).await;
     for i in 0..3 {
-        let ack = ac.send_message(&b.pubkey(), &format!("m{i}"), "next", None).await.must();
+        let ack = ac
+            .send_message(&b.pubkey(), &format!("m{i}"), "next", None)
+            .await
+            .must();
         assert_eq!(ack["queued"], true);
     }
     let mut bc = env.connect(&b).await;
     for i in 0..3 {
         let push = bc.expect("push", WAIT).await.must();
-        assert_eq!(push["ciphertext"], format!("m{i}").as_str(), "order: {push}");
+        assert_eq!(
+            push["ciphertext"],
+            format!("m{i}").as_str(),
+            "order: {push}"
+        );
     }
 }
 
@@ -104,7 +125,10 @@ async fn member_target_prefers_the_control_plane_without_session_pubkey() {
     let (mut cli, _) = env.connect_opts(&b, cli_opts).await;
     let mut daemon = env.connect(&b).await;
 
-    let ack = ac.send_message(&b.pubkey(), "for the daemon", "now", None).await.must();
+    let ack = ac
+        .send_message(&b.pubkey(), "for the daemon", "now", None)
+        .await
+        .must();
     assert_eq!(ack["recipients"], 1, "one delivery per member: {ack}");
     let push = daemon.expect("push", WAIT).await.must();
     assert_eq!(push["ciphertext"], "for the daemon");
@@ -122,7 +146,10 @@ async fn session_target_reaches_only_that_session() {
     let (mut s1, k1) = env.session(&b, "bob-1").await;
     let (mut s2, _k2) = env.session(&b, "bob-2").await;
 
-    let ack = ac.send_message(&spub(&k1), "for s1", "now", None).await.must();
+    let ack = ac
+        .send_message(&spub(&k1), "for s1", "now", None)
+        .await
+        .must();
     assert_eq!(ack["queued"], true, "{ack}");
     let push = s1.expect("push", WAIT).await.must();
     assert_eq!(push["ciphertext"], "for s1");
@@ -138,7 +165,10 @@ async fn a_session_sender_is_named_by_its_session_key() {
     let b = env.member("bob").await;
     let (mut s, sk) = env.session(&a, "alice-session").await;
     let mut bc = env.connect(&b).await;
-    let ack = s.send_message(&b.pubkey(), "from a session", "now", None).await.must();
+    let ack = s
+        .send_message(&b.pubkey(), "from a session", "now", None)
+        .await
+        .must();
     assert_eq!(ack["queued"], true, "{ack}");
     let push = bc.expect("push", WAIT).await.must();
     assert_eq!(push["senderPubkey"], spub(&sk).as_str(), "{push}");
@@ -153,11 +183,20 @@ async fn a_message_to_an_offline_session_waits_for_it() {
     let b = env.member("bob").await;
     let mut ac = env.connect(&a).await;
     let sk = client::generate_session_key();
-    let opts = HelloOptions { display_name: Some("bob-s".into()), ..Default::default() };
+    let opts = HelloOptions {
+        display_name: Some("bob-s".into()),
+        ..Default::default()
+    };
     let (s, _) = env.session_opts(&b, &sk, opts.clone()).await;
     s.close().await.must();
-    let ack = ac.send_message(&spub(&sk), "later", "now", None).await.must();
-    assert_eq!(ack["queued"], true, "a known session gets store and forward: {ack}");
+    let ack = ac
+        .send_message(&spub(&sk), "later", "now", None)
+        .await
+        .must();
+    assert_eq!(
+        ack["queued"], true,
+        "a known session gets store and forward: {ack}"
+    );
     let (mut s, _) = env.session_opts(&b, &sk, opts).await;
     let push = s.expect("push", WAIT).await.must();
     assert_eq!(push["ciphertext"], "later");
@@ -179,16 +218,32 @@ async fn broadcast_reaches_every_other_member_but_not_the_senders_own() {
     assert_eq!(ack["queued"], true, "{ack}");
     assert_eq!(ack["recipients"], 3, "bob, carol, carol's session: {ack}");
     let mid = ack["messageId"].clone();
-    for (conn, who) in [(&mut bc, "bob"), (&mut cc, "carol"), (&mut c_session, "carol's session")] {
-        let push = conn.expect("push", WAIT).await.unwrap_or_else(|e| panic!("{who}: {e:#}"));
-        assert_eq!(push["messageId"], mid, "{who}: same messageId for every copy");
+    for (conn, who) in [
+        (&mut bc, "bob"),
+        (&mut cc, "carol"),
+        (&mut c_session, "carol's session"),
+    ] {
+        let push = conn
+            .expect("push", WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{who}: {e:#}"));
+        assert_eq!(
+            push["messageId"], mid,
+            "{who}: same messageId for every copy"
+        );
         assert_eq!(push["targetSpec"], "*");
     }
     assert_no_push(&mut a_session, "the sender's own session").await;
     assert_no_push(&mut ac, "the sender").await;
 
-    let ack = bc.send_message("@all", "all again", "now", None).await.must();
-    assert_eq!(ack["recipients"], 4, "alice, alice's session, carol, carol's session: {ack}");
+    let ack = bc
+        .send_message("@all", "all again", "now", None)
+        .await
+        .must();
+    assert_eq!(
+        ack["recipients"], 4,
+        "alice, alice's session, carol, carol's session: {ack}"
+    );
 }
 
 #[actix_web::test]
@@ -217,9 +272,15 @@ async fn group_targets_are_hierarchical() {
     assert_no_push(&mut cc, "carol (a/x) for @a/b").await;
 
     let ack = ac.send_message("@a", "to a", "now", None).await.must();
-    assert_eq!(ack["recipients"], 2, "bob and carol, not alice herself: {ack}");
+    assert_eq!(
+        ack["recipients"], 2,
+        "bob and carol, not alice herself: {ack}"
+    );
     for (conn, who) in [(&mut bc, "bob"), (&mut cc, "carol")] {
-        let push = conn.expect("push", WAIT).await.unwrap_or_else(|e| panic!("{who}: {e:#}"));
+        let push = conn
+            .expect("push", WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{who}: {e:#}"));
         assert_eq!(push["ciphertext"], "to a");
     }
     assert_no_push(&mut dc, "dave (no group)").await;
@@ -233,14 +294,18 @@ async fn join_and_leave_group_change_group_delivery() {
     let b = env.member("bob").await;
     let mut ac = env.connect(&a).await;
     let mut bc = env.connect(&b).await;
-    bc.send_json(&json!({"type": "join_group", "name": "ops"})).await.must();
+    bc.send_json(&json!({"type": "join_group", "name": "ops"}))
+        .await
+        .must();
     bc.list_peers(None).await.must(); // the join has been handled
     let ack = ac.send_message("@ops", "ops 1", "now", None).await.must();
     assert_eq!(ack["recipients"], 1, "{ack}");
     let push = bc.expect("push", WAIT).await.must();
     assert_eq!(push["ciphertext"], "ops 1");
     bc.ack(&push).await.must();
-    bc.send_json(&json!({"type": "leave_group", "name": "ops"})).await.must();
+    bc.send_json(&json!({"type": "leave_group", "name": "ops"}))
+        .await
+        .must();
     bc.list_peers(None).await.must();
     let ack = ac.send_message("@ops", "ops 2", "now", None).await.must();
     assert_ne!(ack["recipients"], 1, "{ack}");
@@ -254,7 +319,10 @@ async fn an_unacked_push_is_pushed_again_after_the_lease() {
     let b = env.member("bob").await;
     let mut ac = env.connect(&a).await;
     let mut bc = env.connect(&b).await;
-    let ack = ac.send_message(&b.pubkey(), "ack me", "now", None).await.must();
+    let ack = ac
+        .send_message(&b.pubkey(), "ack me", "now", None)
+        .await
+        .must();
     let first = bc.expect("push", WAIT).await.must();
     assert_eq!(first["attempt"], 1, "{first}");
     // No other event: nobody sends or connects.
@@ -263,8 +331,12 @@ async fn an_unacked_push_is_pushed_again_after_the_lease() {
     assert_eq!(second["attempt"], 2, "{second}");
     bc.ack(&second).await.must();
     let mid = ack["messageId"].as_str().unwrap().to_owned();
-    env.wait_rows(&deliveries_of(&mid), "delivered", |r| !r[0]["delivered_at"].is_null()).await;
-    env.wait_metric("meshbroker_deliveries_redelivered_total", &[], |v| v >= 1.0).await;
+    env.wait_rows(&deliveries_of(&mid), "delivered", |r| {
+        !r[0]["delivered_at"].is_null()
+    })
+    .await;
+    env.wait_metric("meshbroker_deliveries_redelivered_total", &[], |v| v >= 1.0)
+        .await;
 }
 
 #[actix_web::test]
@@ -274,7 +346,10 @@ async fn closing_before_the_ack_redelivers_at_once_on_reconnect() {
     let b = env.member("bob").await;
     let mut ac = env.connect(&a).await;
     let mut bc = env.connect(&b).await;
-    let ack = ac.send_message(&b.pubkey(), "unacked", "now", None).await.must();
+    let ack = ac
+        .send_message(&b.pubkey(), "unacked", "now", None)
+        .await
+        .must();
     let push = bc.expect("push", WAIT).await.must();
     assert_eq!(push["attempt"], 1);
     bc.close().await.must();
@@ -294,14 +369,22 @@ async fn an_ack_from_another_member_changes_nothing() {
     let mut ac = env.connect(&a).await;
     let mut bc = env.connect(&b).await;
     let mut cc = env.connect(&c).await;
-    let ack = ac.send_message(&b.pubkey(), "for bob only", "now", None).await.must();
+    let ack = ac
+        .send_message(&b.pubkey(), "for bob only", "now", None)
+        .await
+        .must();
     let mid = ack["messageId"].as_str().unwrap().to_owned();
     let push = bc.expect("push", WAIT).await.must();
     cc.ack(&push).await.must();
-    cc.send_json(&json!({"type": "client_ack", "clientMessageId": mid})).await.must();
+    cc.send_json(&json!({"type": "client_ack", "clientMessageId": mid}))
+        .await
+        .must();
     cc.list_peers(None).await.must(); // carol's acks have been handled
     let rows = env.rows(&deliveries_of(&mid)).await;
-    assert!(rows[0]["delivered_at"].is_null(), "carol's ack marked bob's delivery: {rows:?}");
+    assert!(
+        rows[0]["delivered_at"].is_null(),
+        "carol's ack marked bob's delivery: {rows:?}"
+    );
     // Bob still gets it again when the lease runs out.
     let again = bc.expect("push", WAIT).await.must();
     assert_eq!(again["messageId"], mid.as_str());
@@ -315,10 +398,15 @@ async fn an_ack_by_client_message_id_is_accepted() {
     let b = env.member("bob").await;
     let mut ac = env.connect(&a).await;
     let mut bc = env.connect(&b).await;
-    let ack = ac.send_message(&b.pubkey(), "x", "now", Some("cmid-7")).await.must();
+    let ack = ac
+        .send_message(&b.pubkey(), "x", "now", Some("cmid-7"))
+        .await
+        .must();
     let mid = ack["messageId"].as_str().unwrap().to_owned();
     bc.expect("push", WAIT).await.must();
-    bc.send_json(&json!({"type": "client_ack", "clientMessageId": "cmid-7"})).await.must();
+    bc.send_json(&json!({"type": "client_ack", "clientMessageId": "cmid-7"}))
+        .await
+        .must();
     env.wait_rows(&deliveries_of(&mid), "delivered via clientMessageId", |r| {
         !r[0]["delivered_at"].is_null()
     })
@@ -332,18 +420,32 @@ async fn a_delivery_pushed_max_attempts_times_is_dead_lettered() {
     let b = env.member("bob").await;
     let mut ac = env.connect(&a).await;
     let mut bc = env.connect(&b).await;
-    let ack = ac.send_message(&b.pubkey(), "poison", "now", None).await.must();
+    let ack = ac
+        .send_message(&b.pubkey(), "poison", "now", None)
+        .await
+        .must();
     let mid = ack["messageId"].as_str().unwrap().to_owned();
     assert_eq!(bc.expect("push", WAIT).await.must()["attempt"], 1);
     assert_eq!(bc.expect("push", WAIT).await.must()["attempt"], 2);
     let rows = env
-        .wait_rows(&deliveries_of(&mid), "dead_at set", |r| !r[0]["dead_at"].is_null())
+        .wait_rows(&deliveries_of(&mid), "dead_at set", |r| {
+            !r[0]["dead_at"].is_null()
+        })
         .await;
-    assert!(rows[0]["dead_reason"].is_string(), "kept with a reason: {rows:?}");
+    assert!(
+        rows[0]["dead_reason"].is_string(),
+        "kept with a reason: {rows:?}"
+    );
     assert!(rows[0]["delivered_at"].is_null());
-    env.wait_metric("meshbroker_deliveries_dead_lettered_total", &[], |v| v >= 1.0).await;
+    env.wait_metric("meshbroker_deliveries_dead_lettered_total", &[], |v| {
+        v >= 1.0
+    })
+    .await;
     let more = pushes_within(&mut bc, Duration::from_millis(1500)).await;
-    assert!(more.is_empty(), "a dead delivery is never pushed again: {more:?}");
+    assert!(
+        more.is_empty(),
+        "a dead delivery is never pushed again: {more:?}"
+    );
 }
 
 #[actix_web::test]
@@ -353,9 +455,14 @@ async fn nack_pushes_again() {
     let b = env.member("bob").await;
     let mut ac = env.connect(&a).await;
     let mut bc = env.connect(&b).await;
-    let ack = ac.send_message(&b.pubkey(), "try again", "now", None).await.must();
+    let ack = ac
+        .send_message(&b.pubkey(), "try again", "now", None)
+        .await
+        .must();
     let push = bc.expect("push", WAIT).await.must();
-    bc.send_json(&json!({"type": "nack", "brokerMessageId": push["messageId"]})).await.must();
+    bc.send_json(&json!({"type": "nack", "brokerMessageId": push["messageId"]}))
+        .await
+        .must();
     let again = bc.expect("push", WAIT).await.must();
     assert_eq!(again["messageId"], ack["messageId"]);
     assert_eq!(again["attempt"], 2, "{again}");
@@ -368,15 +475,23 @@ async fn in_progress_extends_the_lease() {
     let b = env.member("bob").await;
     let mut ac = env.connect(&a).await;
     let mut bc = env.connect(&b).await;
-    let ack = ac.send_message(&b.pubkey(), "slow work", "now", None).await.must();
+    let ack = ac
+        .send_message(&b.pubkey(), "slow work", "now", None)
+        .await
+        .must();
     let mid = ack["messageId"].as_str().unwrap().to_owned();
     let push = bc.expect("push", WAIT).await.must();
     let pushed_at = Instant::now();
     let before = env.rows(&deliveries_of(&mid)).await;
-    let original_expiry = before[0]["claim_expires_at"].as_str().expect("claimed").to_owned();
+    let original_expiry = before[0]["claim_expires_at"]
+        .as_str()
+        .expect("claimed")
+        .to_owned();
 
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    bc.send_json(&json!({"type": "in_progress", "brokerMessageId": push["messageId"]})).await.must();
+    bc.send_json(&json!({"type": "in_progress", "brokerMessageId": push["messageId"]}))
+        .await
+        .must();
     let original = chrono::DateTime::parse_from_rfc3339(&original_expiry).unwrap();
     env.wait_rows(&deliveries_of(&mid), "claim_expires_at moved later", |r| {
         r[0]["claim_expires_at"]
@@ -388,7 +503,10 @@ async fn in_progress_extends_the_lease() {
     // Not pushed again at (or shortly after) the original expiry.
     let until = Duration::from_millis(2700).saturating_sub(pushed_at.elapsed());
     let early = pushes_within(&mut bc, until).await;
-    assert!(early.is_empty(), "redelivered before the extended lease ran out: {early:?}");
+    assert!(
+        early.is_empty(),
+        "redelivered before the extended lease ran out: {early:?}"
+    );
     // It is pushed again once the extended lease runs out.
     let again = bc.expect("push", WAIT).await.must();
     assert_eq!(again["attempt"], 2, "{again}");
@@ -403,14 +521,29 @@ async fn the_priority_gate_holds_next_while_working() {
     let mut bc = env.connect(&b).await;
     bc.set_status("working").await.must();
     let peers = bc.list_peers(None).await.must();
-    let me = peers.iter().find(|p| p["memberPubkey"] == b.pubkey().as_str()).expect("bob listed");
+    let me = peers
+        .iter()
+        .find(|p| p["memberPubkey"] == b.pubkey().as_str())
+        .expect("bob listed");
     assert_eq!(me["status"], "working", "{me}");
 
-    let held = ac.send_message(&b.pubkey(), "next one", "next", None).await.must();
-    let low = ac.send_message(&b.pubkey(), "low one", "low", None).await.must();
-    let urgent = ac.send_message(&b.pubkey(), "now one", "now", None).await.must();
+    let held = ac
+        .send_message(&b.pubkey(), "next one", "next", None)
+        .await
+        .must();
+    let low = ac
+        .send_message(&b.pubkey(), "low one", "low", None)
+        .await
+        .must();
+    let urgent = ac
+        .send_message(&b.pubkey(), "now one", "now", None)
+        .await
+        .must();
     let push = bc.expect("push", WAIT).await.must();
-    assert_eq!(push["messageId"], urgent["messageId"], "only `now` passes while working: {push}");
+    assert_eq!(
+        push["messageId"], urgent["messageId"],
+        "only `now` passes while working: {push}"
+    );
     bc.ack(&push).await.must();
     assert_no_push(&mut bc, "bob while working").await;
 
@@ -430,8 +563,13 @@ async fn dnd_gets_only_now() {
     let mut bc = env.connect(&b).await;
     bc.set_status("dnd").await.must();
     bc.list_peers(None).await.must();
-    ac.send_message(&b.pubkey(), "later", "low", None).await.must();
-    let urgent = ac.send_message(&b.pubkey(), "urgent", "now", None).await.must();
+    ac.send_message(&b.pubkey(), "later", "low", None)
+        .await
+        .must();
+    let urgent = ac
+        .send_message(&b.pubkey(), "urgent", "now", None)
+        .await
+        .must();
     let push = bc.expect("push", WAIT).await.must();
     assert_eq!(push["messageId"], urgent["messageId"], "{push}");
     assert_no_push(&mut bc, "bob in dnd").await;
@@ -461,7 +599,10 @@ async fn a_repeated_client_message_id_is_idempotent() {
     let refused = ac.send_frame(changed).await.must();
     assert_eq!(refused["queued"], false, "{refused}");
     assert!(
-        refused["error"].as_str().unwrap_or_default().starts_with("idempotency_key_reused: "),
+        refused["error"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("idempotency_key_reused: "),
         "{refused}"
     );
 
@@ -471,10 +612,9 @@ async fn a_repeated_client_message_id_is_idempotent() {
     assert_eq!(push["request_fingerprint"], "fp-1", "relayed: {push}");
     bc.ack(&push).await.must();
     assert_no_push(&mut bc, "bob (the duplicate created nothing)").await;
-    let rows = env.rows(&format!(
-        "SELECT id FROM mesh.message WHERE client_message_id = 'idem-1'"
-    ))
-    .await;
+    let rows = env
+        .rows("SELECT id FROM mesh.message WHERE client_message_id = 'idem-1'")
+        .await;
     assert_eq!(rows.len(), 1, "{rows:?}");
 }
 
@@ -490,12 +630,21 @@ async fn max_in_flight_bounds_unacked_pushes() {
     let mut ac = env.connect(&a).await;
     let mut bc = env.connect(&b).await;
     for i in 0..5 {
-        let ack = ac.send_message(&b.pubkey(), &format!("m{i}"), "now", None).await.must();
+        let ack = ac
+            .send_message(&b.pubkey(), &format!("m{i}"), "now", None)
+            .await
+            .must();
         assert_eq!(ack["queued"], true);
     }
-    let mut got = vec![bc.expect("push", WAIT).await.must(), bc.expect("push", WAIT).await.must()];
+    let mut got = vec![
+        bc.expect("push", WAIT).await.must(),
+        bc.expect("push", WAIT).await.must(),
+    ];
     let extra = pushes_within(&mut bc, Duration::from_millis(500)).await;
-    assert!(extra.is_empty(), "more than max_in_flight=2 unacked pushes: {extra:?}");
+    assert!(
+        extra.is_empty(),
+        "more than max_in_flight=2 unacked pushes: {extra:?}"
+    );
     bc.ack(&got[0]).await.must();
     got.push(bc.expect("push", WAIT).await.must());
     let extra = pushes_within(&mut bc, QUIET).await;
@@ -505,7 +654,10 @@ async fn max_in_flight_bounds_unacked_pushes() {
     }
     got.push(bc.expect("push", WAIT).await.must());
     got.push(bc.expect("push", WAIT).await.must());
-    let texts: Vec<&str> = got.iter().map(|p| p["ciphertext"].as_str().unwrap()).collect();
+    let texts: Vec<&str> = got
+        .iter()
+        .map(|p| p["ciphertext"].as_str().unwrap())
+        .collect();
     assert_eq!(texts, ["m0", "m1", "m2", "m3", "m4"]);
 }
 
@@ -523,4 +675,59 @@ async fn reply_to_id_and_mentions_are_relayed() {
     let push = bc.expect("push", WAIT).await.must();
     assert_eq!(push["replyToId"], "orig-1", "{push}");
     assert_eq!(push["mentions"], json!(["bob"]), "{push}");
+}
+
+#[actix_web::test]
+async fn nack_with_a_delay_waits_before_pushing_again() {
+    let env = TestEnv::start_with(|c| c.delivery.lease = Dur::secs(60)).await;
+    let a = env.member("alice").await;
+    let b = env.member("bob").await;
+    let mut ac = env.connect(&a).await;
+    let mut bc = env.connect(&b).await;
+    ac.send_message(&b.pubkey(), "later please", "now", None)
+        .await
+        .must();
+    let push = bc.expect("push", WAIT).await.must();
+    let nacked_at = Instant::now();
+    bc.send_json(&json!({"type": "nack", "brokerMessageId": push["messageId"], "delay": "2s"}))
+        .await
+        .must();
+    let early = pushes_within(&mut bc, Duration::from_millis(1200)).await;
+    assert!(
+        early.is_empty(),
+        "pushed again before the nack's delay: {early:?}"
+    );
+    let again = bc.expect("push", WAIT).await.must();
+    assert!(
+        nacked_at.elapsed() >= Duration::from_millis(1900),
+        "delay honoured"
+    );
+    assert_eq!(again["attempt"], 2, "{again}");
+}
+
+#[actix_web::test]
+async fn an_expired_message_is_never_pushed() {
+    let env = TestEnv::start_with(|c| c.delivery.message_ttl = Dur::secs(1)).await;
+    let a = env.member("alice").await;
+    let b = env.member("bob").await;
+    let mut ac = env.connect(&a).await;
+    let ack = ac
+        .send_message(&b.pubkey(), "stale soon", "now", None)
+        .await
+        .must();
+    assert_eq!(ack["queued"], true, "{ack}");
+    // Let the message outlive its ttl while bob is offline.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let fresh = ac
+        .send_message(&b.pubkey(), "fresh", "now", None)
+        .await
+        .must();
+    let mut bc = env.connect(&b).await;
+    let push = bc.expect("push", WAIT).await.must();
+    assert_eq!(
+        push["messageId"], fresh["messageId"],
+        "only the unexpired message: {push}"
+    );
+    bc.ack(&push).await.must();
+    assert_no_push(&mut bc, "bob (expired message)").await;
 }

@@ -8,7 +8,10 @@ use meshbroker::crypto;
 use crate::support::*;
 
 fn named(name: &str) -> HelloOptions {
-    HelloOptions { display_name: Some(name.into()), ..Default::default() }
+    HelloOptions {
+        display_name: Some(name.into()),
+        ..Default::default()
+    }
 }
 
 #[actix_web::test]
@@ -17,7 +20,10 @@ async fn hello_is_accepted_as_control_plane() {
     let a = env.member("alice").await;
     let (_conn, ack) = env.connect_opts(&a, named("alice-daemon")).await;
     assert_eq!(ack["type"], "hello_ack");
-    assert!(ack["presenceId"].as_str().is_some_and(|s| !s.is_empty()), "{ack}");
+    assert!(
+        ack["presenceId"].as_str().is_some_and(|s| !s.is_empty()),
+        "{ack}"
+    );
     assert_eq!(ack["peerRole"], "control-plane", "{ack}");
     assert_eq!(ack["protocolVersion"], 1, "{ack}");
     assert!(ack["memberDisplayName"].is_string(), "{ack}");
@@ -31,7 +37,10 @@ async fn hello_is_accepted_as_control_plane() {
 async fn hello_with_role_service_is_a_service() {
     let env = TestEnv::start().await;
     let a = env.member("bot").await;
-    let opts = HelloOptions { role: Some("service".into()), ..named("bot") };
+    let opts = HelloOptions {
+        role: Some("service".into()),
+        ..named("bot")
+    };
     let (_conn, ack) = env.connect_opts(&a, opts).await;
     assert_eq!(ack["peerRole"], "service", "{ack}");
 }
@@ -41,7 +50,10 @@ async fn hello_with_session_pubkey_is_still_control_plane() {
     let env = TestEnv::start().await;
     let a = env.member("alice").await;
     let sk = client::generate_session_key();
-    let opts = HelloOptions { session_pubkey: Some(spub(&sk)), ..named("cli") };
+    let opts = HelloOptions {
+        session_pubkey: Some(spub(&sk)),
+        ..named("cli")
+    };
     let (_conn, ack) = env.connect_opts(&a, opts).await;
     assert_eq!(ack["peerRole"], "control-plane", "{ack}");
 }
@@ -67,7 +79,9 @@ async fn missing_display_name_uses_member_name() {
     let (_a, _) = env.connect_opts(&a, HelloOptions::default()).await;
     let mut bc = env.connect(&b).await;
     let peers = bc.list_peers(None).await.must();
-    let alice = peers.iter().find(|p| p["memberPubkey"] == a.pubkey().as_str());
+    let alice = peers
+        .iter()
+        .find(|p| p["memberPubkey"] == a.pubkey().as_str());
     let alice = alice.unwrap_or_else(|| panic!("alice listed: {peers:?}"));
     assert_eq!(alice["displayName"], "alice", "{alice}");
 }
@@ -148,12 +162,18 @@ async fn hello_with_malformed_key_or_signature_is_malformed() {
 async fn hello_with_bad_session_pubkey_is_refused() {
     let env = TestEnv::start().await;
     let a = env.member("alice").await;
-    let opts = HelloOptions { session_pubkey: Some("ABCDEF".into()), ..Default::default() };
+    let opts = HelloOptions {
+        session_pubkey: Some("ABCDEF".into()),
+        ..Default::default()
+    };
     let frame = hello_frame(&a.creds, &opts, now_ms());
     expect_refusal(&env.ws_url, &frame, "bad_session_pubkey", 1008).await;
     // Uppercase hex of the right length is not lowercase hex either.
     let sk = client::generate_session_key();
-    let opts = HelloOptions { session_pubkey: Some(spub(&sk).to_uppercase()), ..Default::default() };
+    let opts = HelloOptions {
+        session_pubkey: Some(spub(&sk).to_uppercase()),
+        ..Default::default()
+    };
     let frame = hello_frame(&a.creds, &opts, now_ms());
     expect_refusal(&env.ws_url, &frame, "bad_session_pubkey", 1008).await;
 }
@@ -174,7 +194,13 @@ async fn session_hello_with_attestation_over_24h_is_refused() {
     let a = env.member("alice").await;
     let sk = client::generate_session_key();
     let now = now_ms();
-    let frame = session_hello_frame(&a.creds, &sk, now + 25 * 3_600_000, &HelloOptions::default(), now);
+    let frame = session_hello_frame(
+        &a.creds,
+        &sk,
+        now + 25 * 3_600_000,
+        &HelloOptions::default(),
+        now,
+    );
     expect_refusal(&env.ws_url, &frame, "ttl_too_long", 1008).await;
 }
 
@@ -185,7 +211,13 @@ async fn session_hello_with_attestation_for_another_key_is_refused() {
     let sk = client::generate_session_key();
     let other = client::generate_session_key();
     let now = now_ms();
-    let mut frame = session_hello_frame(&a.creds, &sk, now + 3_600_000, &HelloOptions::default(), now);
+    let mut frame = session_hello_frame(
+        &a.creds,
+        &sk,
+        now + 3_600_000,
+        &HelloOptions::default(),
+        now,
+    );
     frame["parentAttestation"] = attestation(&a.creds, &spub(&other), now + 3_600_000);
     expect_refusal(&env.ws_url, &frame, "attestation_mismatch", 1008).await;
 }
@@ -197,7 +229,13 @@ async fn session_hello_with_wrong_parent_member_id_is_refused() {
     let b = env.member("bob").await;
     let sk = client::generate_session_key();
     let now = now_ms();
-    let mut frame = session_hello_frame(&a.creds, &sk, now + 3_600_000, &HelloOptions::default(), now);
+    let mut frame = session_hello_frame(
+        &a.creds,
+        &sk,
+        now + 3_600_000,
+        &HelloOptions::default(),
+        now,
+    );
     frame["parentMemberId"] = json!(b.id);
     expect_refusal(&env.ws_url, &frame, "parent_member_id_mismatch", 1008).await;
 }
@@ -208,7 +246,13 @@ async fn session_hello_signed_by_the_wrong_key_is_refused() {
     let a = env.member("alice").await;
     let sk = client::generate_session_key();
     let now = now_ms();
-    let mut frame = session_hello_frame(&a.creds, &sk, now + 3_600_000, &HelloOptions::default(), now);
+    let mut frame = session_hello_frame(
+        &a.creds,
+        &sk,
+        now + 3_600_000,
+        &HelloOptions::default(),
+        now,
+    );
     // Signed by the member key instead of the session key.
     let msg = crypto::session_hello_message(&a.creds.mesh_id, &a.pubkey(), &spub(&sk), now);
     frame["signature"] = json!(crypto::sign_hex(&a.creds.key, &msg));
@@ -222,12 +266,24 @@ async fn session_hello_of_revoked_or_unknown_parent_is_refused() {
     env.revoke(&a).await;
     let sk = client::generate_session_key();
     let now = now_ms();
-    let frame = session_hello_frame(&a.creds, &sk, now + 3_600_000, &HelloOptions::default(), now);
+    let frame = session_hello_frame(
+        &a.creds,
+        &sk,
+        now + 3_600_000,
+        &HelloOptions::default(),
+        now,
+    );
     expect_refusal(&env.ws_url, &frame, "revoked", 4002).await;
 
     let (_, secret) = crypto::generate_keypair();
     let stranger = client::Credentials::from_secret_hex(&a.creds.mesh_id, &a.id, &secret).unwrap();
-    let mut frame = session_hello_frame(&stranger, &sk, now + 3_600_000, &HelloOptions::default(), now);
+    let mut frame = session_hello_frame(
+        &stranger,
+        &sk,
+        now + 3_600_000,
+        &HelloOptions::default(),
+        now,
+    );
     frame.as_object_mut().unwrap().remove("parentMemberId");
     expect_refusal(&env.ws_url, &frame, "unauthorized", 1008).await;
 }
@@ -247,7 +303,10 @@ async fn second_hello_with_same_session_id_replaces_the_first_but_never_a_sessio
     let env = TestEnv::start().await;
     let a = env.member("alice").await;
     let sid = format!("sid-{}", uuid::Uuid::new_v4());
-    let with_sid = |name: &str| HelloOptions { session_id: Some(sid.clone()), ..named(name) };
+    let with_sid = |name: &str| HelloOptions {
+        session_id: Some(sid.clone()),
+        ..named(name)
+    };
 
     // A live session with that sessionId.
     let sk = client::generate_session_key();
@@ -256,7 +315,10 @@ async fn second_hello_with_same_session_id_replaces_the_first_but_never_a_sessio
     // A short CLI-style hello carrying the session's sessionId leaves it alone.
     let (mut first, _) = env.connect_opts(&a, with_sid("cli-1")).await;
     let frames = session.drain_for(QUIET).await.must();
-    assert!(!session.is_closed(), "session was closed by a hello with its sessionId: {frames:?}");
+    assert!(
+        !session.is_closed(),
+        "session was closed by a hello with its sessionId: {frames:?}"
+    );
 
     // A second hello with the same sessionId replaces the first hello.
     let (mut second, _) = env.connect_opts(&a, with_sid("cli-2")).await;
@@ -302,10 +364,21 @@ async fn unsupported_hello_fields_do_not_break_the_handshake() {
     let (mut conn, ack) = client::handshake(&env.ws_url, &frame).await.must();
     assert_eq!(ack["peerRole"], "control-plane");
     let peers = conn.list_peers(None).await.must();
-    let me = peers.iter().find(|p| p["displayName"] == "full").expect("listed");
+    let me = peers
+        .iter()
+        .find(|p| p["displayName"] == "full")
+        .expect("listed");
     assert_eq!(me["cwd"], "/tmp", "{me}");
     assert_eq!(me["hostname"], "h", "{me}");
     assert_eq!(me["peerType"], "ai", "{me}");
-    let groups: Vec<&str> = me["groups"].as_array().unwrap().iter().filter_map(|g| g["name"].as_str()).collect();
-    assert!(groups.contains(&"backend") && groups.contains(&"frontend"), "{me}");
+    let groups: Vec<&str> = me["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|g| g["name"].as_str())
+        .collect();
+    assert!(
+        groups.contains(&"backend") && groups.contains(&"frontend"),
+        "{me}"
+    );
 }

@@ -11,7 +11,8 @@ async fn health_reports_the_database_up() {
     let env = TestEnv::start().await;
     let (status, body) = http_get(&format!("{}/health", env.http_url)).await;
     assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("JSON {e}: {body}"));
+    let v: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("JSON {e}: {body}"));
     assert_eq!(v["db"], "up", "{v}");
     let (status, body) = http_get(&format!("{}/health/ready", env.http_url)).await;
     assert_eq!(status, 200, "{body}");
@@ -28,31 +29,76 @@ async fn metrics_series_move() {
         "meshbroker_actors",
         "meshbroker_db_pool_connections",
     ] {
-        assert!(metric_opt(&text, name, &[]).is_some(), "{name} missing from /metrics:\n{text}");
+        assert!(
+            metric_opt(&text, name, &[]).is_some(),
+            "{name} missing from /metrics:\n{text}"
+        );
     }
-    assert_eq!(metric(&text, "meshbroker_connections", &[("role", "session")]), 0.0);
-    assert_eq!(metric(&text, "meshbroker_messages_accepted_total", &[]), 0.0);
+    assert_eq!(
+        metric(&text, "meshbroker_connections", &[("role", "session")]),
+        0.0
+    );
+    assert_eq!(
+        metric(&text, "meshbroker_messages_accepted_total", &[]),
+        0.0
+    );
 
     let a = env.member("alice").await;
     let b = env.member("bob").await;
     let mut ac = env.connect(&a).await;
     let (mut bs, bk) = env.session(&b, "bob-session").await;
-    let ack = ac.send_message(&spub(&bk), "count me", "now", None).await.must();
+    let ack = ac
+        .send_message(&spub(&bk), "count me", "now", None)
+        .await
+        .must();
     assert_eq!(ack["queued"], true);
     let push = bs.expect("push", WAIT).await.must();
     bs.ack(&push).await.must();
 
-    env.wait_metric("meshbroker_deliveries_acked_total", &[], |v| v == 1.0).await;
+    env.wait_metric("meshbroker_deliveries_acked_total", &[], |v| v == 1.0)
+        .await;
     let text = env.metrics().await;
-    assert_eq!(metric(&text, "meshbroker_connections", &[("role", "session")]), 1.0, "{text}");
-    assert_eq!(metric(&text, "meshbroker_connections", &[("role", "control-plane")]), 1.0, "{text}");
-    assert_eq!(metric(&text, "meshbroker_messages_accepted_total", &[("priority", "now")]), 1.0, "{text}");
-    assert!(metric(&text, "meshbroker_actors", &[("kind", "drain")]) >= 1.0, "{text}");
-    assert!(metric(&text, "meshbroker_deliveries_pushed_total", &[]) >= 1.0, "{text}");
-    assert!(metric(&text, "meshbroker_db_pool_connections", &[]) >= 1.0, "{text}");
+    assert_eq!(
+        metric(&text, "meshbroker_connections", &[("role", "session")]),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "meshbroker_connections",
+            &[("role", "control-plane")]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "meshbroker_messages_accepted_total",
+            &[("priority", "now")]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "meshbroker_actors", &[("kind", "drain")]) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "meshbroker_deliveries_pushed_total", &[]) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "meshbroker_db_pool_connections", &[]) >= 1.0,
+        "{text}"
+    );
 
     bs.close().await.must();
-    env.wait_metric("meshbroker_connections", &[("role", "session")], |v| v == 0.0).await;
+    env.wait_metric("meshbroker_connections", &[("role", "session")], |v| {
+        v == 0.0
+    })
+    .await;
 }
 
 #[actix_web::test]
@@ -80,8 +126,14 @@ async fn the_status_hook_gates_delivery_by_session_id() {
     assert_eq!(v["ok"], true, "{v}");
     assert!(v["presence_id"].is_string(), "{v}");
 
-    let held = ac.send_message(&spub(&key), "wait", "next", None).await.must();
-    let urgent = ac.send_message(&spub(&key), "urgent", "now", None).await.must();
+    let held = ac
+        .send_message(&spub(&key), "wait", "next", None)
+        .await
+        .must();
+    let urgent = ac
+        .send_message(&spub(&key), "urgent", "now", None)
+        .await
+        .must();
     let push = bs.expect("push", WAIT).await.must();
     assert_eq!(push["messageId"], urgent["messageId"], "{push}");
     bs.ack(&push).await.must();
@@ -112,18 +164,72 @@ async fn the_status_hook_refuses_oversized_bodies() {
 #[actix_web::test]
 async fn the_sweeper_is_restarted_after_a_failure_and_still_redelivers() {
     let env = TestEnv::start().await; // lease 1s, sweeper 200ms
-    let before = metric(&env.metrics().await, "meshbroker_actor_restarts_total", &[("kind", "sweeper")]);
+    let before = metric(
+        &env.metrics().await,
+        "meshbroker_actor_restarts_total",
+        &[("kind", "sweeper")],
+    );
     env.broker().inject_sweeper_failure();
-    env.wait_metric("meshbroker_actor_restarts_total", &[("kind", "sweeper")], |v| v >= before + 1.0)
-        .await;
+    env.wait_metric(
+        "meshbroker_actor_restarts_total",
+        &[("kind", "sweeper")],
+        |v| v >= before + 1.0,
+    )
+    .await;
 
     let a = env.member("alice").await;
     let b = env.member("bob").await;
     let mut ac = env.connect(&a).await;
     let mut bc = env.connect(&b).await;
-    ac.send_message(&b.pubkey(), "still swept", "now", None).await.must();
+    ac.send_message(&b.pubkey(), "still swept", "now", None)
+        .await
+        .must();
     assert_eq!(bc.expect("push", WAIT).await.must()["attempt"], 1);
     let again = bc.expect("push", WAIT).await.must();
-    assert_eq!(again["attempt"], 2, "the restarted sweeper expired the lease: {again}");
-    env.wait_metric("meshbroker_leases_expired_total", &[], |v| v >= 1.0).await;
+    assert_eq!(
+        again["attempt"], 2,
+        "the restarted sweeper expired the lease: {again}"
+    );
+    env.wait_metric("meshbroker_leases_expired_total", &[], |v| v >= 1.0)
+        .await;
+}
+
+#[actix_web::test]
+async fn the_status_hook_matches_pid_and_cwd_from_loopback_and_never_changes_dnd() {
+    let env = TestEnv::start().await;
+    let b = env.member("bob").await;
+    let a = env.member("alice").await;
+    let mut ac = env.connect(&a).await;
+    let key = meshbroker::client::generate_session_key();
+    let opts = HelloOptions {
+        display_name: Some("bob-session".into()),
+        pid: Some(777),
+        cwd: Some("/work/pidcwd".into()),
+        ..Default::default()
+    };
+    let (mut bs, _) = env.session_opts(&b, &key, opts).await;
+    let hook = format!("{}/hook/set-status", env.http_url);
+    let status_of = |peers: &[serde_json::Value]| {
+        peers
+            .iter()
+            .find(|p| p["displayName"] == "bob-session")
+            .expect("listed")["status"]
+            .clone()
+    };
+
+    let body = json!({"cwd": "/work/pidcwd", "pid": 777, "status": "working"});
+    let (code, text) = http_post_json(&hook, &body).await;
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("\"ok\":true"), "{text}");
+    assert_eq!(status_of(&ac.list_peers(None).await.must()), "working");
+
+    bs.set_status("dnd").await.must();
+    bs.list_peers(None).await.must();
+    let body = json!({"cwd": "/work/pidcwd", "pid": 777, "status": "idle"});
+    http_post_json(&hook, &body).await;
+    assert_eq!(
+        status_of(&ac.list_peers(None).await.must()),
+        "dnd",
+        "a hook never changes dnd"
+    );
 }

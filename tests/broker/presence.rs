@@ -23,7 +23,14 @@ async fn peers_list_tags_every_role_and_filters_by_roles() {
     let c = env.member("carol").await;
     let _daemon = env.connect(&a).await;
     let (_bot, _) = env
-        .connect_opts(&a, HelloOptions { role: Some("service".into()), display_name: Some("alice-bot".into()), ..Default::default() })
+        .connect_opts(
+            &a,
+            HelloOptions {
+                role: Some("service".into()),
+                display_name: Some("alice-bot".into()),
+                ..Default::default()
+            },
+        )
         .await;
     let (_session, sk) = env.session(&b, "bob-session").await;
     let mut cc = env.connect(&c).await;
@@ -32,7 +39,14 @@ async fn peers_list_tags_every_role_and_filters_by_roles() {
     for p in &all {
         assert!(p["peerRole"].is_string(), "peerRole on every entry: {p}");
         assert!(p["groups"].is_array(), "groups always an array: {p}");
-        for field in ["pubkey", "memberPubkey", "displayName", "status", "sessionId", "connectedAt"] {
+        for field in [
+            "pubkey",
+            "memberPubkey",
+            "displayName",
+            "status",
+            "sessionId",
+            "connectedAt",
+        ] {
             assert!(p.get(field).is_some(), "{field} missing: {p}");
         }
     }
@@ -45,18 +59,35 @@ async fn peers_list_tags_every_role_and_filters_by_roles() {
     assert_eq!(role_of("alice"), "control-plane");
     assert_eq!(role_of("alice-bot"), "service");
     assert_eq!(role_of("bob-session"), "session");
-    let session = all.iter().find(|p| p["displayName"] == "bob-session").unwrap();
-    assert_eq!(session["pubkey"], spub(&sk).as_str(), "a session is listed by its session key");
+    let session = all
+        .iter()
+        .find(|p| p["displayName"] == "bob-session")
+        .unwrap();
+    assert_eq!(
+        session["pubkey"],
+        spub(&sk).as_str(),
+        "a session is listed by its session key"
+    );
     assert_eq!(session["memberPubkey"], b.pubkey().as_str());
     assert_eq!(session["status"], "idle");
     let daemon = all.iter().find(|p| p["displayName"] == "alice").unwrap();
-    assert_eq!(daemon["pubkey"], a.pubkey().as_str(), "no session key: the member key");
+    assert_eq!(
+        daemon["pubkey"],
+        a.pubkey().as_str(),
+        "no session key: the member key"
+    );
 
     let sessions = cc.list_peers(Some(&["session"])).await.must();
     assert_eq!(sessions.len(), 1, "{sessions:?}");
     assert_eq!(sessions[0]["displayName"], "bob-session");
-    let services = cc.list_peers(Some(&["service", "control-plane"])).await.must();
-    let mut names: Vec<&str> = services.iter().filter_map(|p| p["displayName"].as_str()).collect();
+    let services = cc
+        .list_peers(Some(&["service", "control-plane"]))
+        .await
+        .must();
+    let mut names: Vec<&str> = services
+        .iter()
+        .filter_map(|p| p["displayName"].as_str())
+        .collect();
     names.sort();
     assert_eq!(names, ["alice", "alice-bot", "carol"], "{services:?}");
 }
@@ -82,7 +113,9 @@ async fn peer_joined_goes_to_other_members_only() {
     // Alice's own session joining is not announced to alice's daemon.
     let frames = ac.drain_for(QUIET).await.must();
     assert!(
-        !frames.iter().any(|f| f["event"] == "peer_joined" && f["eventData"]["name"] == "alice-session"),
+        !frames
+            .iter()
+            .any(|f| f["event"] == "peer_joined" && f["eventData"]["name"] == "alice-session"),
         "own member's join announced: {frames:?}"
     );
     a_session.expect_system("peer_joined", WAIT).await.must();
@@ -128,10 +161,19 @@ async fn reconnecting_within_the_grace_is_silent() {
 
     // Watch past the end of the first connection's grace.
     let frames = ac.drain_for(Duration::from_millis(2800)).await.must();
-    let events: Vec<&serde_json::Value> = frames.iter().filter(|f| client::is_system_push(f)).collect();
-    assert!(events.is_empty(), "a takeover within the grace announces nothing: {events:?}");
+    let events: Vec<&serde_json::Value> = frames
+        .iter()
+        .filter(|f| client::is_system_push(f))
+        .collect();
+    assert!(
+        events.is_empty(),
+        "a takeover within the grace announces nothing: {events:?}"
+    );
     let peers = ac.list_peers(None).await.must();
-    let bobs = peers.iter().filter(|p| p["memberPubkey"] == b.pubkey().as_str()).count();
+    let bobs = peers
+        .iter()
+        .filter(|p| p["memberPubkey"] == b.pubkey().as_str())
+        .count();
     assert_eq!(bobs, 1, "one presence for bob: {peers:?}");
 }
 
@@ -144,7 +186,10 @@ async fn set_visible_hides_from_other_members_but_not_the_own_member() {
     let (mut a_session, _) = env.session(&a, "alice-session").await;
     let mut bc = env.connect(&b).await;
 
-    a_session.send_json(&json!({"type": "set_visible", "visible": false, "_reqId": "v1"})).await.must();
+    a_session
+        .send_json(&json!({"type": "set_visible", "visible": false, "_reqId": "v1"}))
+        .await
+        .must();
     let ack = a_session
         .expect_where("set_visible ack", WAIT, |f| f["_reqId"] == "v1")
         .await
@@ -155,9 +200,17 @@ async fn set_visible_hides_from_other_members_but_not_the_own_member() {
     assert_eq!(ack["queued"], false, "{ack}");
 
     let bob_sees = bc.list_peers(None).await.must();
-    assert!(!bob_sees.iter().any(|p| p["displayName"] == "alice-session"), "{bob_sees:?}");
+    assert!(
+        !bob_sees.iter().any(|p| p["displayName"] == "alice-session"),
+        "{bob_sees:?}"
+    );
     let alice_sees = ac.list_peers(None).await.must();
-    assert!(alice_sees.iter().any(|p| p["displayName"] == "alice-session"), "{alice_sees:?}");
+    assert!(
+        alice_sees
+            .iter()
+            .any(|p| p["displayName"] == "alice-session"),
+        "{alice_sees:?}"
+    );
     let hidden = bc.expect_system("peer_hidden", WAIT).await.must();
     assert_eq!(hidden["eventData"]["name"], "alice-session", "{hidden}");
 }
@@ -169,11 +222,16 @@ async fn set_summary_and_status_are_listed() {
     let b = env.member("bob").await;
     let mut ac = env.connect(&a).await;
     let (mut bs, _) = env.session(&b, "bob-session").await;
-    bs.send_json(&json!({"type": "set_summary", "summary": "refactoring the parser"})).await.must();
+    bs.send_json(&json!({"type": "set_summary", "summary": "refactoring the parser"}))
+        .await
+        .must();
     bs.set_status("working").await.must();
     bs.list_peers(None).await.must();
     let peers = ac.list_peers(None).await.must();
-    let p = peers.iter().find(|p| p["displayName"] == "bob-session").expect("listed");
+    let p = peers
+        .iter()
+        .find(|p| p["displayName"] == "bob-session")
+        .expect("listed");
     assert_eq!(p["summary"], "refactoring the parser", "{p}");
     assert_eq!(p["status"], "working", "{p}");
 }
@@ -196,6 +254,9 @@ async fn a_silent_connection_is_closed_by_the_keepalive() {
     )
     .await;
     closed.must();
-    assert!(!alive.is_closed(), "the connection answering pings was closed");
+    assert!(
+        !alive.is_closed(),
+        "the connection answering pings was closed"
+    );
     alive.list_peers(None).await.must();
 }

@@ -139,9 +139,18 @@ async fn sigterm_closes_with_1001_and_releases_unacked_leases() {
     let a = env.member("alice").await;
     let b = env.member("bob").await;
     let mut p = BrokerProcess::spawn(&env.db_url).await;
-    let mut ac = meshbroker::client::hello(&p.ws_url, &a.creds, &Default::default()).await.must().0;
-    let mut bc = meshbroker::client::hello(&p.ws_url, &b.creds, &Default::default()).await.must().0;
-    let ack = ac.send_message(&b.pubkey(), "in flight", "now", None).await.must();
+    let mut ac = meshbroker::client::hello(&p.ws_url, &a.creds, &Default::default())
+        .await
+        .must()
+        .0;
+    let mut bc = meshbroker::client::hello(&p.ws_url, &b.creds, &Default::default())
+        .await
+        .must()
+        .0;
+    let ack = ac
+        .send_message(&b.pubkey(), "in flight", "now", None)
+        .await
+        .must();
     let mid = ack["messageId"].as_str().expect("queued").to_owned();
     let push = bc.expect("push", WAIT).await.must();
     assert_eq!(push["messageId"], mid.as_str());
@@ -149,7 +158,10 @@ async fn sigterm_closes_with_1001_and_releases_unacked_leases() {
         "SELECT claim_id::text AS claim_id, delivered_at FROM mesh.message_queue WHERE message_id = '{mid}'::uuid"
     );
     let rows = env.rows(&sql).await;
-    assert!(!rows[0]["claim_id"].is_null(), "claimed before SIGTERM: {rows:?}");
+    assert!(
+        !rows[0]["claim_id"].is_null(),
+        "claimed before SIGTERM: {rows:?}"
+    );
 
     p.sigterm();
     let (code, reason) = bc.expect_close(Duration::from_secs(10)).await.must();
@@ -157,7 +169,10 @@ async fn sigterm_closes_with_1001_and_releases_unacked_leases() {
     let status = p.wait_exit(Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(0), "exit status; log:\n{}", p.log());
     let rows = env.rows(&sql).await;
-    assert!(rows[0]["claim_id"].is_null(), "lease released by shutdown: {rows:?}");
+    assert!(
+        rows[0]["claim_id"].is_null(),
+        "lease released by shutdown: {rows:?}"
+    );
     assert!(rows[0]["delivered_at"].is_null(), "{rows:?}");
     let live = env
         .rows("SELECT id FROM mesh.presence WHERE disconnected_at IS NULL")
@@ -184,7 +199,10 @@ async fn cli_send_and_listen_round_trip() {
     let stdout = listener.stdout.take().unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if tx.send(line).is_err() {
                 break;
             }
@@ -193,15 +211,30 @@ async fn cli_send_and_listen_round_trip() {
 
     let mut send_args = client_args(&p, &a);
     send_args[3] = "send".into();
-    send_args.extend(["--to".into(), b.pubkey(), "--text".into(), "hi from the cli".into()]);
-    send_args.extend(["--priority".into(), "now".into(), "--client-message-id".into(), "cli-1".into()]);
+    send_args.extend([
+        "--to".into(),
+        b.pubkey(),
+        "--text".into(),
+        "hi from the cli".into(),
+    ]);
+    send_args.extend([
+        "--priority".into(),
+        "now".into(),
+        "--client-message-id".into(),
+        "cli-1".into(),
+    ]);
     let out = tokio::task::spawn_blocking(move || Command::new(BIN).args(&send_args).output())
         .await
         .unwrap()
         .expect("run client send");
-    assert!(out.status.success(), "client send failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "client send failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let ack: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let ack: serde_json::Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
     assert_eq!(ack["type"], "ack", "{ack}");
     assert_eq!(ack["queued"], true, "{ack}");
 
@@ -209,7 +242,8 @@ async fn cli_send_and_listen_round_trip() {
         .await
         .expect("client listen printed a line in time")
         .expect("a line");
-    let push: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let push: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
     assert_eq!(push["type"], "push", "{push}");
     assert_eq!(push["messageId"], ack["messageId"], "{push}");
     assert_eq!(push["ciphertext"], "hi from the cli", "{push}");
@@ -231,7 +265,11 @@ async fn cli_send_and_listen_round_trip() {
         .unwrap()
         .expect("run client send");
     assert!(!out.status.success(), "a refused send must fail");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // The listener exits 0 when the broker shuts down (close 1001).
     p.sigterm();
@@ -242,5 +280,7 @@ async fn cli_send_and_listen_round_trip() {
     let status = status.expect("client listen exits after the broker closes");
     assert!(status.success(), "client listen exit status {status}");
     p.wait_exit(Duration::from_secs(15)).await;
-    let _ = Connection::connect(&p.ws_url).await.expect_err("broker is gone");
+    let _ = Connection::connect(&p.ws_url)
+        .await
+        .expect_err("broker is gone");
 }

@@ -41,7 +41,9 @@ fn with_database(url: &str, name: &str) -> String {
         Some((b, q)) => (b, Some(q)),
         None => (rest, None),
     };
-    let authority = before_query.split_once('/').map_or(before_query, |(a, _)| a);
+    let authority = before_query
+        .split_once('/')
+        .map_or(before_query, |(a, _)| a);
     match query {
         Some(q) => format!("{scheme}://{authority}/{name}?{q}"),
         None => format!("{scheme}://{authority}/{name}"),
@@ -56,18 +58,22 @@ fn cluster() -> &'static Cluster {
             let url_pattern = match std::env::var("TEST_DATABASE_URL") {
                 Ok(url) if !url.is_empty() => with_database(&url, "__DB__"),
                 _ => {
+                    remove_stale_clusters();
                     let dir = tempfile::Builder::new()
-                        .prefix("mbt")
+                        .prefix(CLUSTER_DIR_PREFIX)
                         .tempdir_in(std::env::temp_dir())
                         .expect("temp dir")
                         .keep();
+                    std::fs::write(dir.join(OWNER_MARKER), std::process::id().to_string())
+                        .expect("write owner marker");
                     // The cluster runs as `postgres` when we are root: it must
                     // be able to reach its data dir.
                     use std::os::unix::fs::PermissionsExt;
                     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
                         .expect("chmod temp dir");
-                    let pg = EmbeddedPostgres::start(&dir.join("d"), &EmbeddedOptions { fsync: false })
-                        .expect("embedded PostgreSQL starts");
+                    let pg =
+                        EmbeddedPostgres::start(&dir.join("d"), &EmbeddedOptions { fsync: false })
+                            .expect("embedded PostgreSQL starts");
                     pg.stop_when_process_exits().expect("cluster watcher");
                     let pattern = pg.url_for("__DB__");
                     // Statics are never dropped; keep the cluster running
@@ -101,6 +107,37 @@ fn cluster() -> &'static Cluster {
     })
 }
 
+const CLUSTER_DIR_PREFIX: &str = "meshbroker-test-";
+/// Holds the pid of the test process that made the cluster dir.
+const OWNER_MARKER: &str = "test-owner.pid";
+
+/// Removes cluster dirs left by earlier test runs: the process that made
+/// them is gone and their cluster is stopped (the watcher stops it after
+/// the process exits; nothing removes the files).
+fn remove_stale_clusters() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_ours = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(CLUSTER_DIR_PREFIX));
+        if !is_ours {
+            continue;
+        }
+        let Ok(pid) = std::fs::read_to_string(path.join(OWNER_MARKER)) else {
+            continue;
+        };
+        let owner_alive = std::path::Path::new("/proc").join(pid.trim()).exists();
+        let cluster_running = path.join("d/pg/postmaster.pid").exists();
+        if !owner_alive && !cluster_running {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
 /// A fresh database copied from the migrated template; returns its URL.
 pub async fn fresh_database() -> (String, String) {
     let cluster = cluster();
@@ -131,7 +168,10 @@ fn drop_database(name: String) {
     let admin_url = cluster.url_pattern.replace("__DB__", "postgres");
     // Detached: the broker's pool may still hold connections (FORCE ends them).
     std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
             return;
         };
         rt.block_on(async {
@@ -150,22 +190,11 @@ async fn plain_connection(url: &str) -> AsyncPgConnection {
         .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
 }
 
-/// `db::connect`, or, while `db::establish` cannot set up a connection, an
-/// equivalent pool without its session settings (reported, not hidden).
+/// The broker's own pool constructor, so the tests exercise its setup.
 async fn make_pool(url: &str, size: u32) -> db::Pool {
-    match db::connect(url, size).await {
-        Ok(pool) => pool,
-        Err(e) => {
-            eprintln!("WARNING: db::connect failed ({e}); using a plain pool");
-            use diesel_async::pooled_connection::{bb8, AsyncDieselConnectionManager};
-            bb8::Pool::builder()
-                .max_size(size)
-                .connection_timeout(Duration::from_secs(3))
-                .build(AsyncDieselConnectionManager::<AsyncPgConnection>::new(url))
-                .await
-                .expect("plain pool")
-        }
-    }
+    db::connect(url, size)
+        .await
+        .unwrap_or_else(|e| panic!("db::connect: {e}"))
 }
 
 /// The configuration every test starts from: short timings.
@@ -254,7 +283,9 @@ impl TestEnv {
         };
         let mesh = {
             let mut conn = pool.get().await.expect("db conn");
-            admin::create_mesh(&mut conn, "test-mesh").await.expect("create mesh")
+            admin::create_mesh(&mut conn, "test-mesh")
+                .await
+                .expect("create mesh")
         };
         TestEnv {
             broker,
@@ -281,8 +312,12 @@ impl TestEnv {
         Member {
             name: name.to_owned(),
             id: m.id.to_string(),
-            creds: Credentials::from_secret_hex(&self.mesh_id.to_string(), &m.id.to_string(), &secret)
-                .expect("secret key parses"),
+            creds: Credentials::from_secret_hex(
+                &self.mesh_id.to_string(),
+                &m.id.to_string(),
+                &secret,
+            )
+            .expect("secret key parses"),
         }
     }
 
@@ -303,9 +338,15 @@ impl TestEnv {
 
     /// A `hello` (control-plane) connection with displayName = the member's name.
     pub async fn connect(&self, m: &Member) -> Connection {
-        self.connect_opts(m, HelloOptions { display_name: Some(m.name.clone()), ..Default::default() })
-            .await
-            .0
+        self.connect_opts(
+            m,
+            HelloOptions {
+                display_name: Some(m.name.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .0
     }
 
     pub async fn connect_opts(&self, m: &Member, opts: HelloOptions) -> (Connection, Value) {
@@ -317,7 +358,10 @@ impl TestEnv {
     /// A `session_hello` connection with a fresh session key.
     pub async fn session(&self, m: &Member, name: &str) -> (Connection, SigningKey) {
         let key = client::generate_session_key();
-        let opts = HelloOptions { display_name: Some(name.to_owned()), ..Default::default() };
+        let opts = HelloOptions {
+            display_name: Some(name.to_owned()),
+            ..Default::default()
+        };
         let (conn, _) = self.session_opts(m, &key, opts).await;
         (conn, key)
     }
@@ -347,7 +391,12 @@ impl TestEnv {
     }
 
     /// Polls `sql` until `pred` holds for its rows (or panics after `WAIT`).
-    pub async fn wait_rows(&self, sql: &str, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    pub async fn wait_rows(
+        &self,
+        sql: &str,
+        what: &str,
+        pred: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let rows = self.rows(sql).await;
@@ -369,7 +418,12 @@ impl TestEnv {
     }
 
     /// Polls `/metrics` until the sum of `name{labels}` satisfies `pred`.
-    pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], pred: impl Fn(f64) -> bool) -> f64 {
+    pub async fn wait_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        pred: impl Fn(f64) -> bool,
+    ) -> f64 {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let text = self.metrics().await;
@@ -398,7 +452,9 @@ pub fn metric_opt(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64
         if line.starts_with('#') {
             continue;
         }
-        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
         let (series_name, series_labels) = match series.split_once('{') {
             Some((n, l)) => (n, l.trim_end_matches('}')),
             None => (series, ""),
@@ -406,9 +462,11 @@ pub fn metric_opt(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64
         if series_name != name {
             continue;
         }
-        let all = labels
-            .iter()
-            .all(|(k, v)| series_labels.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+        let all = labels.iter().all(|(k, v)| {
+            series_labels
+                .split(',')
+                .any(|kv| kv == format!("{k}=\"{v}\""))
+        });
         if all {
             let v: f64 = value.parse().unwrap_or(f64::NAN);
             *found.get_or_insert(0.0) += v;
@@ -424,7 +482,10 @@ pub async fn http_get(url: &str) -> (u16, String) {
         .await
         .unwrap_or_else(|e| panic!("GET {url}: {e}"));
     let body = res.body().limit(4 << 20).await.expect("body");
-    (res.status().as_u16(), String::from_utf8_lossy(&body).into_owned())
+    (
+        res.status().as_u16(),
+        String::from_utf8_lossy(&body).into_owned(),
+    )
 }
 
 pub async fn http_post_json(url: &str, body: &Value) -> (u16, String) {
@@ -434,7 +495,10 @@ pub async fn http_post_json(url: &str, body: &Value) -> (u16, String) {
         .await
         .unwrap_or_else(|e| panic!("POST {url}: {e}"));
     let body = res.body().limit(4 << 20).await.expect("body");
-    (res.status().as_u16(), String::from_utf8_lossy(&body).into_owned())
+    (
+        res.status().as_u16(),
+        String::from_utf8_lossy(&body).into_owned(),
+    )
 }
 
 pub async fn http_post_raw(url: &str, content_type: &str, body: String) -> (u16, String) {
@@ -445,7 +509,10 @@ pub async fn http_post_raw(url: &str, content_type: &str, body: String) -> (u16,
         .await
         .unwrap_or_else(|e| panic!("POST {url}: {e}"));
     let body = res.body().limit(4 << 20).await.expect("body");
-    (res.status().as_u16(), String::from_utf8_lossy(&body).into_owned())
+    (
+        res.status().as_u16(),
+        String::from_utf8_lossy(&body).into_owned(),
+    )
 }
 
 /// The pubkey of a session key.
@@ -475,13 +542,19 @@ pub async fn expect_refusal(ws_url: &str, frame: &Value, code: &str, close_code:
     let mut conn = Connection::connect(ws_url).await.must();
     conn.send_json(frame).await.must();
     let err = conn
-        .expect_where("an error frame", WAIT, |f| f["type"] == "error" || f["type"] == "hello_ack")
+        .expect_where("an error frame", WAIT, |f| {
+            f["type"] == "error" || f["type"] == "hello_ack"
+        })
         .await
         .must();
     assert_eq!(err["type"], "error", "expected refusal {code}, got {err}");
     assert_eq!(err["code"], code, "refusal code: {err}");
     let (close, reason) = conn.expect_close(WAIT).await.must();
-    assert_eq!(close, Some(close_code), "close code after {code} (reason {reason:?})");
+    assert_eq!(
+        close,
+        Some(close_code),
+        "close code after {code} (reason {reason:?})"
+    );
     assert_eq!(reason, code, "close reason after {code}");
 }
 
