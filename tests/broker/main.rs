@@ -6,6 +6,7 @@ mod support;
 
 mod admin_frames;
 mod delivery;
+mod durability;
 mod frames;
 mod handshake;
 mod http;

@@ -33,6 +33,10 @@ impl Drop for BrokerProcess {
 
 impl BrokerProcess {
     async fn spawn(db_url: &str) -> BrokerProcess {
+        Self::spawn_with_lease(db_url, "60s").await
+    }
+
+    async fn spawn_with_lease(db_url: &str, lease: &str) -> BrokerProcess {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
             l.local_addr().unwrap().port()
@@ -41,7 +45,7 @@ impl BrokerProcess {
         let config_path = dir.path().join("meshbroker.toml");
         let toml = format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[database]\nurl = {db_url:?}\npool_size = 4\n\n\
-             [delivery]\nlease = \"60s\"\n\n[sweeper]\ninterval = \"200ms\"\n\n[log]\nlevel = \"warn\"\n"
+             [delivery]\nlease = {lease:?}\n\n[sweeper]\ninterval = \"200ms\"\n\n[log]\nlevel = \"warn\"\n"
         );
         std::fs::write(&config_path, toml).expect("write config");
         let log = std::fs::File::create(dir.path().join("broker.log")).expect("log file");
@@ -283,4 +287,66 @@ async fn cli_send_and_listen_round_trip() {
     let _ = Connection::connect(&p.ws_url)
         .await
         .expect_err("broker is gone");
+}
+
+/// A broker killed with SIGKILL loses nothing: whatever it pushed without an
+/// ack is pushed again by the next broker on the same database once the
+/// lease runs out; what was acked is not pushed again.
+#[actix_web::test]
+async fn a_killed_broker_leaves_unacked_deliveries_to_the_next() {
+    let env = TestEnv::without_broker().await;
+    let a = env.member("alice").await;
+    let b = env.member("bob").await;
+    let mut p = BrokerProcess::spawn_with_lease(&env.db_url, "2s").await;
+    let hello = |url: String, m: Member| async move {
+        meshbroker::client::hello(&url, &m.creds, &Default::default())
+            .await
+            .must()
+            .0
+    };
+    let mut ac = hello(p.ws_url.clone(), a.clone()).await;
+    let mut bc = hello(p.ws_url.clone(), b.clone()).await;
+    let acked = ac
+        .send_message(&b.pubkey(), "acked", "now", None)
+        .await
+        .must();
+    let first = bc.expect("push", WAIT).await.must();
+    bc.ack(&first).await.must();
+    env.wait_rows(
+        &format!(
+            "SELECT delivered_at FROM mesh.message_queue WHERE message_id = '{}'::uuid",
+            acked["messageId"].as_str().unwrap()
+        ),
+        "the first message acked",
+        |r| !r[0]["delivered_at"].is_null(),
+    )
+    .await;
+    let pending = ac
+        .send_message(&b.pubkey(), "unacked", "now", None)
+        .await
+        .must();
+    let second = bc.expect("push", WAIT).await.must();
+    assert_eq!(second["messageId"], pending["messageId"]);
+
+    p.child.kill().expect("SIGKILL the broker");
+    let _ = p.wait_exit(Duration::from_secs(10)).await;
+
+    // The next broker, on the same database.
+    let config = {
+        let mut c = test_config(&env.db_url);
+        c.delivery.lease = meshbroker::config::Dur::secs(2);
+        std::sync::Arc::new(c)
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let next = meshbroker::broker::start(config, make_pool(&env.db_url, 4).await, listener)
+        .await
+        .expect("second broker starts");
+    let url = format!("ws://{}/ws", next.local_addr());
+    let mut bc = hello(url, b.clone()).await;
+    let again = bc.expect("push", Duration::from_secs(10)).await.must();
+    assert_eq!(again["messageId"], pending["messageId"], "{again}");
+    assert_eq!(again["attempt"], 2, "{again}");
+    bc.ack(&again).await.must();
+    assert_no_push(&mut bc, "bob after the takeover").await;
+    next.shutdown().await;
 }

@@ -191,7 +191,7 @@ async fn plain_connection(url: &str) -> AsyncPgConnection {
 }
 
 /// The broker's own pool constructor, so the tests exercise its setup.
-async fn make_pool(url: &str, size: u32) -> db::Pool {
+pub async fn make_pool(url: &str, size: u32) -> db::Pool {
     db::connect(url, size)
         .await
         .unwrap_or_else(|e| panic!("db::connect: {e}"))
