@@ -23,15 +23,7 @@ async fn kick_skips_control_plane_and_closes_others_with_4001() {
     let admin = env.admin("root").await;
     let b = env.member("bob").await;
     let mut rc = env.connect(&admin).await;
-    let (mut daemon, _) = env
-        .connect_opts(
-            &b,
-            HelloOptions {
-                display_name: Some("bob-daemon".into()),
-                ..Default::default()
-            },
-        )
-        .await;
+    let mut daemon = env.connect_as(&b, "bob-daemon").await;
     let (mut session, _) = env.session(&b, "bob-session").await;
     let (mut bot, _) = env
         .connect_opts(
@@ -76,15 +68,7 @@ async fn kick_by_display_name_and_all() {
     let mut rc = env.connect(&admin).await;
     let (mut s1, _) = env.session(&b, "worker-1").await;
     let (mut s2, _) = env.session(&b, "worker-2").await;
-    let (mut daemon, _) = env
-        .connect_opts(
-            &b,
-            HelloOptions {
-                display_name: Some("bob-daemon".into()),
-                ..Default::default()
-            },
-        )
-        .await;
+    let mut daemon = env.connect_as(&b, "bob-daemon").await;
     let ack = rc
         .request(json!({"type": "kick", "target": "worker-1"}), WAIT)
         .await
@@ -122,15 +106,7 @@ async fn disconnect_skips_nothing_and_closes_with_1000() {
     let admin = env.admin("root").await;
     let b = env.member("bob").await;
     let mut rc = env.connect(&admin).await;
-    let (mut daemon, _) = env
-        .connect_opts(
-            &b,
-            HelloOptions {
-                display_name: Some("bob-daemon".into()),
-                ..Default::default()
-            },
-        )
-        .await;
+    let mut daemon = env.connect_as(&b, "bob-daemon").await;
     let (mut session, _) = env.session(&b, "bob-session").await;
     let ack = rc
         .request(json!({"type": "disconnect", "target": b.pubkey()}), WAIT)

@@ -349,6 +349,15 @@ impl TestEnv {
         .0
     }
 
+    /// A `hello` (control-plane) connection under another display name.
+    pub async fn connect_as(&self, m: &Member, display_name: &str) -> Connection {
+        let opts = HelloOptions {
+            display_name: Some(display_name.to_owned()),
+            ..Default::default()
+        };
+        self.connect_opts(m, opts).await.0
+    }
+
     pub async fn connect_opts(&self, m: &Member, opts: HelloOptions) -> (Connection, Value) {
         client::hello(&self.ws_url, &m.creds, &opts)
             .await
