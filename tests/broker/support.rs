@@ -24,7 +24,11 @@ pub const WAIT: Duration = Duration::from_secs(5);
 /// Short bounded wait used to check that something does NOT happen.
 pub const QUIET: Duration = Duration::from_millis(400);
 
-const TEMPLATE: &str = "mb_template";
+/// The migrated template each test database is copied from; per process,
+/// so two test runs sharing one `TEST_DATABASE_URL` server do not collide.
+fn template() -> String {
+    format!("mb_template_{}", std::process::id())
+}
 
 /// Where test databases live: a URL with `__DB__` where the database name goes.
 struct Cluster {
@@ -89,14 +93,15 @@ fn cluster() -> &'static Cluster {
             rt.block_on(async {
                 let admin_url = url_pattern.replace("__DB__", "postgres");
                 let mut conn = plain_connection(&admin_url).await;
-                let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {TEMPLATE}"))
+                let template = template();
+                let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {template}"))
                     .execute(&mut conn)
                     .await;
-                diesel::sql_query(format!("CREATE DATABASE {TEMPLATE}"))
+                diesel::sql_query(format!("CREATE DATABASE {template}"))
                     .execute(&mut conn)
                     .await
                     .expect("create template database");
-                db::migrate(&url_pattern.replace("__DB__", TEMPLATE))
+                db::migrate(&url_pattern.replace("__DB__", &template))
                     .await
                     .expect("migrate template database");
             });
@@ -148,9 +153,10 @@ pub async fn fresh_database() -> (String, String) {
     );
     let admin_url = cluster.url_pattern.replace("__DB__", "postgres");
     let mut conn = plain_connection(&admin_url).await;
+    let template = template();
     let mut last_err = None;
     for _ in 0..20 {
-        match diesel::sql_query(format!("CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
+        match diesel::sql_query(format!("CREATE DATABASE {name} TEMPLATE {template}"))
             .execute(&mut conn)
             .await
         {
