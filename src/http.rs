@@ -155,43 +155,63 @@ async fn hook_set_status(
     let Ok(mut conn) = state.shared.pool.get().await else {
         return fail(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
     };
-    let found = match (&hook.session_id, loopback) {
-        (Some(sid), _) if !sid.is_empty() => {
-            queries::live_sessions_by_session_id(&mut conn, sid).await
-        }
-        (_, true) if hook.pid.is_some() || hook.cwd.is_some() => {
-            queries::live_sessions_by_process(&mut conn, hook.pid, hook.cwd.as_deref()).await
-        }
-        (_, false) => {
-            return fail(
+    let session_id = hook.session_id.as_deref().filter(|s| !s.is_empty());
+    let by_process = loopback && (hook.pid.is_some() || hook.cwd.is_some());
+    if session_id.is_none() && !by_process {
+        return if loopback {
+            fail(StatusCode::BAD_REQUEST, "invalid: session_id required")
+        } else {
+            fail(
                 StatusCode::FORBIDDEN,
                 "forbidden: session_id required from a non-loopback peer",
             )
+        };
+    }
+    let mut found = Vec::new();
+    if let Some(sid) = session_id {
+        match queries::live_sessions_by_session_id(&mut conn, sid).await {
+            Ok(rows) => found = rows,
+            Err(_) => return fail(StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }
-        _ => return fail(StatusCode::BAD_REQUEST, "invalid: session_id required"),
-    };
-    let Ok(found) = found else {
-        return fail(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
-    };
-    let Some((presence_id, current)) = found.into_iter().next() else {
+    }
+    // A session's connection may carry another id than Claude Code's
+    // session_id (a resumed session): from loopback, pid/cwd still match.
+    if found.is_empty() && by_process {
+        match queries::live_sessions_by_process(&mut conn, hook.pid, hook.cwd.as_deref()).await {
+            Ok(rows) => found = rows,
+            Err(_) => return fail(StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        }
+    }
+    if found.is_empty() {
         return fail(
             StatusCode::NOT_FOUND,
             "not_found: no live session with that session_id",
         );
-    };
-    if current == "dnd" {
+    }
+    let mut changed = Vec::new();
+    for (presence_id, current) in &found {
+        if current == "dnd" {
+            continue;
+        }
+        if queries::set_status(&mut conn, *presence_id, &hook.status)
+            .await
+            .is_err()
+        {
+            return fail(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+        }
+        changed.push(*presence_id);
+    }
+    drop(conn);
+    for presence_id in &changed {
+        state.registry.do_send(registry::Changed::Status {
+            presence_id: *presence_id,
+        });
+    }
+    let presence_id = found[0].0;
+    if changed.is_empty() {
         return HttpResponse::Ok()
             .json(json!({"ok": true, "presence_id": presence_id, "unchanged": "dnd"}));
     }
-    if queries::set_status(&mut conn, presence_id, &hook.status)
-        .await
-        .is_err()
-    {
-        return fail(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
-    }
-    drop(conn);
-    state
-        .registry
-        .do_send(registry::Changed::Status { presence_id });
-    HttpResponse::Ok().json(json!({"ok": true, "presence_id": presence_id}))
+    HttpResponse::Ok()
+        .json(json!({"ok": true, "presence_id": presence_id, "updated": changed.len()}))
 }

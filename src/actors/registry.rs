@@ -101,6 +101,7 @@ impl Registry {
             event: Some(event),
             event_data: Some(json!({
                 "name": subject.display_name,
+                "displayName": subject.display_name,
                 "pubkey": subject.pubkey(),
                 "peerRole": subject.role,
             })),
@@ -321,7 +322,8 @@ impl Handler<GraceEnded> for Registry {
                 "messageId": Uuid::new_v4().to_string(), "meshId": gone.mesh_id.to_string(),
                 "senderPubkey": "system", "priority": "low", "nonce": "", "ciphertext": "",
                 "createdAt": protocol::iso(chrono::Utc::now()),
-                "eventData": {"name": gone.display_name, "pubkey": gone.pubkey,
+                "eventData": {"name": gone.display_name, "displayName": gone.display_name,
+                              "pubkey": gone.pubkey,
                               "peerRole": Role::parse(&gone.role).unwrap_or(Role::Session)},
             });
             self.broadcast_system(gone.mesh_id, gone.member_id, &push.to_string());

@@ -589,6 +589,9 @@ impl WsSession {
 
     // -- send -------------------------------------------------------------
 
+    /// Refusal texts after the code use the words the claudemesh daemon
+    /// reads as permanent ("invalid", "unknown"): it retries any other
+    /// refusal for minutes.
     fn send(&mut self, send: SendFrame, ctx: &mut ws::WebsocketContext<Self>) {
         let ready = self.ready.as_ref().expect("after hello");
         let id = send.id.clone().unwrap_or_default();
@@ -608,7 +611,10 @@ impl WsSession {
                 ctx,
                 metrics,
                 "payload_too_large",
-                &format!("message is larger than {} bytes", limits.max_message_bytes),
+                &format!(
+                    "invalid message: larger than {} bytes",
+                    limits.max_message_bytes
+                ),
             );
         }
         if !self.shared.send_limits.allow(&ready.member.id) {
@@ -629,6 +635,18 @@ impl WsSession {
                 "invalid",
                 "cannot send to your own member pubkey",
             );
+        }
+        // Clients drop pushes from their own session key without an ack;
+        // accepted, such a message would be pushed until dead-lettered.
+        if let Some(own) = &ready.session_pubkey {
+            if target == Target::Pubkey(own.clone()) {
+                return refuse(
+                    ctx,
+                    metrics,
+                    "invalid",
+                    "cannot send to your own session pubkey",
+                );
+            }
         }
         for (name, v) in [
             ("client_message_id", &send.client_message_id),
@@ -677,7 +695,10 @@ impl WsSession {
             let Some(recipients) = recipients else {
                 return Err((
                     "not_found",
-                    format!("no member or session {} in this mesh", msg.target_spec),
+                    format!(
+                        "unknown target: no member or session {} in this mesh",
+                        msg.target_spec
+                    ),
                 ));
             };
             let members: Vec<Uuid> = recipients.iter().map(|r| r.member_id).collect();
@@ -728,7 +749,7 @@ impl WsSession {
                         &SendAck::refused(
                             id,
                             "idempotency_key_reused",
-                            "client_message_id was used for a different request",
+                            "invalid reuse: client_message_id was used for a different request",
                         ),
                     );
                 }
@@ -798,6 +819,10 @@ impl Target {
                 Ok(Some(
                     rows.into_iter()
                         .filter(|r| r.member_id != sender)
+                        // A control-plane connection with a session key is a
+                        // CLI command's throwaway connection: nothing would
+                        // ever collect a delivery keyed to it.
+                        .filter(|r| !(r.role == "control-plane" && r.session_pubkey.is_some()))
                         .filter(|r| match self {
                             Target::Group(g) => {
                                 let groups: Vec<Group> =

@@ -10,5 +10,6 @@ mod durability;
 mod frames;
 mod handshake;
 mod http;
+mod interop;
 mod presence;
 mod process;
