@@ -15,7 +15,6 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::registry::Registry;
 use super::session::{Outbound, WsSession};
 use super::Shared;
 use crate::db::queries::{self, ClaimSpec, Claimed};
@@ -75,7 +74,6 @@ impl Conn {
 pub struct Drain {
     shared: Arc<Shared>,
     member_id: Uuid,
-    registry: Addr<Registry>,
     conns: HashMap<Uuid, Conn>,
     next_seq: u64,
     /// A claim pass is running.
@@ -85,11 +83,10 @@ pub struct Drain {
 }
 
 impl Drain {
-    pub fn new(shared: Arc<Shared>, member_id: Uuid, registry: Addr<Registry>) -> Self {
+    pub fn new(shared: Arc<Shared>, member_id: Uuid) -> Self {
         Drain {
             shared,
             member_id,
-            registry,
             conns: HashMap::new(),
             next_seq: 0,
             running: false,
@@ -294,7 +291,6 @@ impl Actor for Drain {
 
     fn stopped(&mut self, _: &mut Self::Context) {
         self.shared.metrics.actor_stopped(ActorKind::Drain);
-        let _ = &self.registry;
     }
 }
 

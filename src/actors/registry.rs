@@ -161,7 +161,7 @@ pub struct Connect {
 impl Handler<Connect> for Registry {
     type Result = MessageResult<Connect>;
 
-    fn handle(&mut self, msg: Connect, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Connect, _: &mut Self::Context) -> Self::Result {
         self.count();
         let entry = msg.entry;
         // A hello replaces the hello connection with its sessionId; a
@@ -194,9 +194,7 @@ impl Handler<Connect> for Registry {
         let drain = self
             .drains
             .entry(entry.member_id)
-            .or_insert_with(|| {
-                Drain::new(self.shared.clone(), entry.member_id, ctx.address()).start()
-            })
+            .or_insert_with(|| Drain::new(self.shared.clone(), entry.member_id).start())
             .clone();
         drain.do_send(drain::AddConn {
             presence_id: entry.presence_id,

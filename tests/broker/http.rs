@@ -233,3 +233,19 @@ async fn the_status_hook_matches_pid_and_cwd_from_loopback_and_never_changes_dnd
         "a hook never changes dnd"
     );
 }
+
+#[actix_web::test]
+async fn ready_is_503_while_migrations_are_missing() {
+    use diesel_async::RunQueryDsl;
+    let env = TestEnv::start().await;
+    let mut conn = env.pool.get().await.expect("db conn");
+    diesel::sql_query("DELETE FROM __diesel_schema_migrations")
+        .execute(&mut *conn)
+        .await
+        .expect("forget the migrations");
+    let (status, body) = http_get(&format!("{}/health/ready", env.http_url)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("migrations missing"), "{body}");
+    let (status, body) = http_get(&format!("{}/health", env.http_url)).await;
+    assert_eq!(status, 200, "{body}");
+}
