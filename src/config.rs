@@ -244,7 +244,7 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: one_line(&e),
+            message: one_line(&e, text),
         })?;
         config.validate(path)?;
         Ok(config)
@@ -365,12 +365,32 @@ pub fn redact_url(url: &str) -> String {
         .join(" ")
 }
 
-fn one_line(e: &toml::de::Error) -> String {
-    let mut message = e.message().to_owned();
-    if let Some(span) = e.span() {
-        message = format!("{message} (at byte {})", span.start);
+/// toml's message on one line, led by the dotted key it is about (found
+/// from the error's position: the key on that line and the table above it).
+fn one_line(e: &toml::de::Error, text: &str) -> String {
+    let message = e.message().replace('\n', " ");
+    let Some(span) = e.span() else {
+        return message;
+    };
+    let upto = &text[..span.start.min(text.len())];
+    let line_start = upto.rfind('\n').map_or(0, |i| i + 1);
+    let line_no = upto.matches('\n').count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    let table = upto[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    match (table, key) {
+        (Some(t), Some(k)) => format!("key {t}.{k} (line {line_no}): {message}"),
+        (None, Some(k)) => format!("key {k} (line {line_no}): {message}"),
+        _ => format!("line {line_no}: {message}"),
     }
-    message.replace('\n', " ")
 }
 
 /// A duration written as `"250ms"`, `"30s"`, `"10m"`, `"1h"` or `"7d"`.
@@ -483,7 +503,10 @@ mod tests {
     fn bad_value_names_key_and_value() {
         let err = Config::parse("[delivery]\nlease = \"soon\"\n", Path::new("c.toml")).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("soon"), "{text}");
+        assert!(
+            text.contains("soon") && text.contains("delivery.lease"),
+            "{text}"
+        );
         let err =
             Config::parse("[delivery]\nmax_in_flight = 0\n", Path::new("c.toml")).unwrap_err();
         assert!(err.to_string().contains("delivery.max_in_flight"), "{err}");
