@@ -12,6 +12,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::crypto;
+use crate::db::queries::MemberRow;
 use crate::db::schema::{member, mesh};
 use crate::ids::{MemberId, MeshId};
 
@@ -65,18 +66,7 @@ pub struct Member {
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Queryable, Selectable)]
-#[diesel(table_name = member, check_for_backend(diesel::pg::Pg))]
-struct MemberRow {
-    id: Uuid,
-    mesh_id: Uuid,
-    name: String,
-    pubkey: String,
-    admin: bool,
-    created_at: DateTime<Utc>,
-    revoked_at: Option<DateTime<Utc>>,
-}
-
+/// The broker's own member row, as operators see it.
 impl From<MemberRow> for Member {
     fn from(r: MemberRow) -> Self {
         Member {

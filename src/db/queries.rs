@@ -33,6 +33,7 @@ pub struct MemberRow {
     pub name: String,
     pub pubkey: String,
     pub admin: bool,
+    pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
@@ -44,15 +45,6 @@ pub async fn member_by_pubkey(
     member::table
         .filter(member::mesh_id.eq(mesh_id))
         .filter(member::pubkey.eq(pubkey))
-        .select(MemberRow::as_select())
-        .first(conn)
-        .await
-        .optional()
-}
-
-pub async fn member_by_id(conn: &mut Conn, id: Uuid) -> QueryResult<Option<MemberRow>> {
-    member::table
-        .find(id)
         .select(MemberRow::as_select())
         .first(conn)
         .await
