@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::crypto;
 use crate::db::queries::MemberRow;
-use crate::db::schema::{member, mesh};
+use crate::db::schema::mesh::{member, mesh};
 use crate::ids::{MemberId, MeshId};
 
 /// Names are 1 to this many characters (the schema's CHECK).

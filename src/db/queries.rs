@@ -13,7 +13,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::schema::{hello_seen, member, message, message_queue, presence};
+use super::schema::mesh::{hello_seen, member, message, message_queue, presence};
 use crate::metrics::QueueDepth;
 
 type Conn = AsyncPgConnection;
