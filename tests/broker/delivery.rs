@@ -598,13 +598,7 @@ async fn a_repeated_client_message_id_is_idempotent() {
     changed["request_fingerprint"] = json!("fp-2");
     let refused = ac.send_frame(changed).await.must();
     assert_eq!(refused["queued"], false, "{refused}");
-    assert!(
-        refused["error"]
-            .as_str()
-            .unwrap_or_default()
-            .starts_with("idempotency_key_reused: "),
-        "{refused}"
-    );
+    assert_refused(&refused, "idempotency_key_reused");
 
     let push = bc.expect("push", WAIT).await.must();
     assert_eq!(push["messageId"], first["messageId"]);

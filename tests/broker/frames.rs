@@ -150,37 +150,19 @@ async fn invalid_targets_are_refused() {
         .await
         .must();
     assert_eq!(ack["queued"], false, "to own member: {ack}");
-    assert!(
-        ack["error"]
-            .as_str()
-            .unwrap_or_default()
-            .starts_with("invalid: "),
-        "{ack}"
-    );
+    assert_refused(&ack, "invalid");
 
     let ack = conn
         .send_message("#general", "topic", "now", None)
         .await
         .must();
     assert_eq!(ack["queued"], false, "#topic: {ack}");
-    assert!(
-        ack["error"]
-            .as_str()
-            .unwrap_or_default()
-            .starts_with("invalid: "),
-        "{ack}"
-    );
+    assert_refused(&ack, "invalid");
 
     let nobody = spub(&client::generate_session_key());
     let ack = conn.send_message(&nobody, "void", "now", None).await.must();
     assert_eq!(ack["queued"], false, "unknown key: {ack}");
-    assert!(
-        ack["error"]
-            .as_str()
-            .unwrap_or_default()
-            .starts_with("not_found: "),
-        "{ack}"
-    );
+    assert_refused(&ack, "not_found");
 
     // An invalid send frame still gets an ack echoing its id.
     conn.send_json(&json!({"type": "send", "id": "broken"}))
@@ -216,11 +198,5 @@ async fn sends_past_the_rate_limit_are_refused() {
         }
     }
     let ack = refused.expect("a send past the burst is refused");
-    assert!(
-        ack["error"]
-            .as_str()
-            .unwrap_or_default()
-            .starts_with("rate_limit: "),
-        "{ack}"
-    );
+    assert_refused(&ack, "rate_limit");
 }

@@ -45,9 +45,7 @@ async fn sending_to_your_own_session_key_is_refused() {
         .send_message(&spub(&key), "echo", "now", None)
         .await
         .must();
-    assert_eq!(ack["queued"], false, "{ack}");
-    let error = ack["error"].as_str().unwrap_or_default();
-    assert!(error.starts_with("invalid: "), "{ack}");
+    assert_refused(&ack, "invalid");
 }
 
 #[actix_web::test]

@@ -588,3 +588,13 @@ pub async fn assert_no_push(conn: &mut Connection, who: &str) {
     let got = pushes_within(conn, QUIET).await;
     assert!(got.is_empty(), "{who} should get no push, got {got:?}");
 }
+
+/// Asserts a send's `ack` is a refusal with `code` (`"<code>: <text>"`).
+pub fn assert_refused(ack: &Value, code: &str) {
+    assert_eq!(ack["queued"], false, "{ack}");
+    let error = ack["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with(&format!("{code}: ")),
+        "expected {code}: {ack}"
+    );
+}
