@@ -211,13 +211,7 @@ async fn session_hello_with_attestation_for_another_key_is_refused() {
     let sk = client::generate_session_key();
     let other = client::generate_session_key();
     let now = now_ms();
-    let mut frame = session_hello_frame(
-        &a.creds,
-        &sk,
-        now + 3_600_000,
-        &HelloOptions::default(),
-        now,
-    );
+    let mut frame = hour_session_frame(&a.creds, &sk, now);
     frame["parentAttestation"] = attestation(&a.creds, &spub(&other), now + 3_600_000);
     expect_refusal(&env.ws_url, &frame, "attestation_mismatch", 1008).await;
 }
@@ -229,13 +223,7 @@ async fn session_hello_with_wrong_parent_member_id_is_refused() {
     let b = env.member("bob").await;
     let sk = client::generate_session_key();
     let now = now_ms();
-    let mut frame = session_hello_frame(
-        &a.creds,
-        &sk,
-        now + 3_600_000,
-        &HelloOptions::default(),
-        now,
-    );
+    let mut frame = hour_session_frame(&a.creds, &sk, now);
     frame["parentMemberId"] = json!(b.id);
     expect_refusal(&env.ws_url, &frame, "parent_member_id_mismatch", 1008).await;
 }
@@ -246,13 +234,7 @@ async fn session_hello_signed_by_the_wrong_key_is_refused() {
     let a = env.member("alice").await;
     let sk = client::generate_session_key();
     let now = now_ms();
-    let mut frame = session_hello_frame(
-        &a.creds,
-        &sk,
-        now + 3_600_000,
-        &HelloOptions::default(),
-        now,
-    );
+    let mut frame = hour_session_frame(&a.creds, &sk, now);
     // Signed by the member key instead of the session key.
     let msg = crypto::session_hello_message(&a.creds.mesh_id, &a.pubkey(), &spub(&sk), now);
     frame["signature"] = json!(crypto::sign_hex(&a.creds.key, &msg));
@@ -266,24 +248,12 @@ async fn session_hello_of_revoked_or_unknown_parent_is_refused() {
     env.revoke(&a).await;
     let sk = client::generate_session_key();
     let now = now_ms();
-    let frame = session_hello_frame(
-        &a.creds,
-        &sk,
-        now + 3_600_000,
-        &HelloOptions::default(),
-        now,
-    );
+    let frame = hour_session_frame(&a.creds, &sk, now);
     expect_refusal(&env.ws_url, &frame, "revoked", 4002).await;
 
     let (_, secret) = crypto::generate_keypair();
     let stranger = client::Credentials::from_secret_hex(&a.creds.mesh_id, &a.id, &secret).unwrap();
-    let mut frame = session_hello_frame(
-        &stranger,
-        &sk,
-        now + 3_600_000,
-        &HelloOptions::default(),
-        now,
-    );
+    let mut frame = hour_session_frame(&stranger, &sk, now);
     frame.as_object_mut().unwrap().remove("parentMemberId");
     expect_refusal(&env.ws_url, &frame, "unauthorized", 1008).await;
 }
@@ -381,4 +351,13 @@ async fn unsupported_hello_fields_do_not_break_the_handshake() {
         groups.contains(&"backend") && groups.contains(&"frontend"),
         "{me}"
     );
+}
+
+/// A session_hello by `sk`, attested by `creds` for the next hour, at `now`.
+fn hour_session_frame(
+    creds: &client::Credentials,
+    sk: &ed25519_dalek::SigningKey,
+    now: i64,
+) -> serde_json::Value {
+    session_hello_frame(creds, sk, now + 3_600_000, &HelloOptions::default(), now)
 }
