@@ -1,124 +1,13 @@
 //! The real executable: SIGTERM releases leases; `client listen|send`.
 
 use std::io::BufRead as _;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use meshbroker::client::Connection;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 
+use crate::broker_process::*;
 use crate::support::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_meshbroker");
-
-/// A `meshbroker serve` child process on a free port; killed on drop.
-struct BrokerProcess {
-    child: Child,
-    config_path: PathBuf,
-    dir: tempfile::TempDir,
-    http_url: String,
-    ws_url: String,
-}
-
-impl Drop for BrokerProcess {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-impl BrokerProcess {
-    async fn spawn(db_url: &str) -> BrokerProcess {
-        Self::spawn_with_lease(db_url, "60s").await
-    }
-
-    async fn spawn_with_lease(db_url: &str, lease: &str) -> BrokerProcess {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-            l.local_addr().unwrap().port()
-        };
-        let dir = tempfile::tempdir().expect("temp dir");
-        let config_path = dir.path().join("meshbroker.toml");
-        let toml = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[database]\nurl = {db_url:?}\npool_size = 4\n\n\
-             [delivery]\nlease = {lease:?}\n\n[sweeper]\ninterval = \"200ms\"\n\n[log]\nlevel = \"warn\"\n"
-        );
-        std::fs::write(&config_path, toml).expect("write config");
-        let log = std::fs::File::create(dir.path().join("broker.log")).expect("log file");
-        let child = Command::new(BIN)
-            .arg("--config")
-            .arg(&config_path)
-            .arg("serve")
-            .env_remove("MESHBROKER_DATABASE_URL")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn meshbroker serve");
-        let mut p = BrokerProcess {
-            child,
-            config_path,
-            dir,
-            http_url: format!("http://127.0.0.1:{port}"),
-            ws_url: format!("ws://127.0.0.1:{port}/ws"),
-        };
-        p.wait_healthy().await;
-        p
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
-    }
-
-    async fn wait_healthy(&mut self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("meshbroker serve exited early ({status}):\n{}", self.log());
-            }
-            let ok = awc::Client::new()
-                .get(format!("{}/health", self.http_url))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
-            if ok {
-                return;
-            }
-            if tokio::time::Instant::now() > deadline {
-                panic!("meshbroker serve did not become healthy:\n{}", self.log());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn sigterm(&self) {
-        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).expect("send SIGTERM");
-    }
-
-    async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        wait_child(&mut self.child, timeout)
-            .await
-            .unwrap_or_else(|| panic!("meshbroker did not exit in {timeout:?}:\n{}", self.log()))
-    }
-}
-
-async fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return Some(status);
-        }
-        if tokio::time::Instant::now() > deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn client_args(p: &BrokerProcess, m: &Member) -> Vec<String> {
     vec![
@@ -328,8 +217,7 @@ async fn a_killed_broker_leaves_unacked_deliveries_to_the_next() {
     let second = bc.expect("push", WAIT).await.must();
     assert_eq!(second["messageId"], pending["messageId"]);
 
-    p.child.kill().expect("SIGKILL the broker");
-    let _ = p.wait_exit(Duration::from_secs(10)).await;
+    p.sigkill().await;
 
     // The next broker, on the same database.
     let config = {
