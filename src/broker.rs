@@ -1,5 +1,5 @@
 //! Starting and stopping one broker: the singleton actors (registry,
-//! supervised sweeper) are started once, here, before the HTTP server whose
+//! supervised sweeper and janitor) are started once, here, before the HTTP server whose
 //! workers share them through `web::Data`.
 
 use std::future::Future;
@@ -12,6 +12,7 @@ use actix::{Actor, Addr, Supervisor};
 use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpServer};
 
+use crate::actors::janitor::Janitor;
 use crate::actors::registry::{self, Registry};
 use crate::actors::sweeper::Sweeper;
 use crate::actors::{RateLimiter, Shared};
@@ -31,6 +32,8 @@ pub struct Broker {
     registry: Addr<Registry>,
     _sweeper: Addr<Sweeper>,
     sweeper_fail_next: Arc<AtomicBool>,
+    _janitor: Addr<Janitor>,
+    janitor_fail_next: Arc<AtomicBool>,
     server: ServerHandle,
     server_task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -55,6 +58,12 @@ pub async fn start(
         let (shared, registry, fail_next) = (shared.clone(), registry.clone(), fail_next.clone());
         Supervisor::start(move |_| Sweeper::new(shared, registry, fail_next))
     };
+    let janitor_fail_next = Arc::new(AtomicBool::new(false));
+    let janitor = {
+        let (shared, registry) = (shared.clone(), registry.clone());
+        let fail_next = janitor_fail_next.clone();
+        Supervisor::start(move |_| Janitor::new(shared, registry, fail_next))
+    };
     let state = web::Data::new(AppState::new(shared.clone(), registry.clone()));
     let server =
         HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
@@ -71,6 +80,8 @@ pub async fn start(
         registry,
         _sweeper: sweeper,
         sweeper_fail_next: fail_next,
+        _janitor: janitor,
+        janitor_fail_next,
         server: handle,
         server_task,
     })
@@ -93,6 +104,11 @@ impl Broker {
     /// supervisor restarts it.
     pub fn inject_sweeper_failure(&self) {
         self.sweeper_fail_next.store(true, Ordering::SeqCst);
+    }
+
+    /// Makes the janitor's next pass fail: the supervisor restarts it.
+    pub fn inject_janitor_failure(&self) {
+        self.janitor_fail_next.store(true, Ordering::SeqCst);
     }
 
     /// What SIGTERM does: stop accepting, release this broker's unacked

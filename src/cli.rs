@@ -15,10 +15,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use diesel_async::{AsyncConnection, SimpleAsyncConnection};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::config::{redact_url, Config, LogFormat};
+use crate::config::{redact_url, Config, Dur, LogFormat};
 use crate::db::embedded::{self, EmbeddedPostgres};
 use crate::ids::MeshId;
-use crate::{admin, db};
+use crate::{admin, db, dead_letters};
 
 /// Where `--config` points when neither the flag nor the variable is given.
 pub const DEFAULT_CONFIG: &str = "config/meshbroker.toml";
@@ -49,6 +49,9 @@ enum Command {
     /// Manage a mesh's members.
     #[command(subcommand)]
     Member(MemberCommand),
+    /// Inspect, requeue or purge deliveries dead-lettered after max_attempts.
+    #[command(subcommand)]
+    DeadLetters(DeadLetterCommand),
     /// Print the effective configuration (secrets redacted).
     PrintConfig,
     /// Talk to a running broker as a member.
@@ -101,6 +104,52 @@ enum MemberCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLetterCommand {
+    /// List a mesh's dead letters, oldest first.
+    List {
+        #[arg(long, value_name = "MESH_ID")]
+        mesh: String,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make dead letters eligible for delivery again (attempts start over);
+    /// a running broker pushes them to a connected recipient within janitor.interval.
+    Requeue {
+        #[command(flatten)]
+        select: DeadLetterSelect,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete dead letters (and their messages once nothing else refers to them).
+    Purge {
+        #[command(flatten)]
+        select: DeadLetterSelect,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Which dead letters a requeue or purge touches: at least one of
+/// `--id`, `--older-than` or `--all`.
+#[derive(Debug, Args)]
+struct DeadLetterSelect {
+    #[arg(long, value_name = "MESH_ID")]
+    mesh: String,
+    /// Only this dead letter (its id from `dead-letters list`); repeatable.
+    #[arg(long = "id", value_name = "ID")]
+    ids: Vec<i64>,
+    /// Only those dead-lettered longer ago than this ("30s", "10m", "7d").
+    #[arg(long, value_name = "DURATION")]
+    older_than: Option<Dur>,
+    /// Every dead letter of the mesh (with --older-than: every older one).
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -229,6 +278,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Migrate => migrate(&config).await,
             Command::Mesh(cmd) => mesh_command(&config, cmd).await,
             Command::Member(cmd) => member_command(&config, cmd).await,
+            Command::DeadLetters(cmd) => dead_letter_command(&config, cmd).await,
             Command::Client(cmd) => client_command(&config, cmd).await,
             Command::PrintConfig => unreachable!("handled above"),
         }
@@ -419,6 +469,85 @@ async fn member_command(config: &Config, cmd: MemberCommand) -> anyhow::Result<(
     Ok(())
 }
 
+async fn dead_letter_command(config: &Config, cmd: DeadLetterCommand) -> anyhow::Result<()> {
+    match cmd {
+        DeadLetterCommand::List { mesh, limit, json } => {
+            let mesh_id = parse_mesh_id(&mesh)?;
+            let (mut conn, _embedded) = admin_connection(config).await?;
+            let dead = dead_letters::list(&mut conn, mesh_id, limit.into()).await?;
+            if json {
+                print_json(&dead)?;
+            } else if dead.is_empty() {
+                println!("mesh {mesh_id} has no dead letters");
+            } else {
+                println!(
+                    "{:<10}  {:<36}  {:<20}  {:>8}  {:<25}  REASON",
+                    "ID", "MESSAGE", "RECIPIENT", "ATTEMPTS", "DEAD AT"
+                );
+                for d in &dead {
+                    println!(
+                        "{:<10}  {:<36}  {:<20}  {:>8}  {:<25}  {}",
+                        d.id,
+                        d.message_id,
+                        d.recipient_name,
+                        d.attempts,
+                        d.dead_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        d.dead_reason
+                    );
+                }
+            }
+        }
+        DeadLetterCommand::Requeue { select, json } => {
+            let (mesh_id, selection) = dead_letter_selection(select)?;
+            let (mut conn, _embedded) = admin_connection(config).await?;
+            let done = dead_letters::requeue(&mut conn, mesh_id, &selection).await?;
+            if json {
+                print_json(&done)?;
+            } else {
+                println!(
+                    "requeued {} dead letter(s) in mesh {mesh_id}",
+                    done.requeued
+                );
+            }
+        }
+        DeadLetterCommand::Purge { select, json } => {
+            let (mesh_id, selection) = dead_letter_selection(select)?;
+            let (mut conn, _embedded) = admin_connection(config).await?;
+            let done = dead_letters::purge(&mut conn, mesh_id, &selection).await?;
+            if json {
+                print_json(&done)?;
+            } else {
+                println!(
+                    "purged {} dead letter(s) and {} message(s) in mesh {mesh_id}",
+                    done.purged, done.messages_deleted
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn dead_letter_selection(
+    select: DeadLetterSelect,
+) -> anyhow::Result<(MeshId, dead_letters::Selection)> {
+    let mesh_id = parse_mesh_id(&select.mesh)?;
+    if select.ids.is_empty() && select.older_than.is_none() && !select.all {
+        return Err(anyhow!(
+            "say which dead letters: --id ID (repeatable), --older-than DURATION or --all"
+        ));
+    }
+    if select.all && !select.ids.is_empty() {
+        return Err(anyhow!("--all and --id exclude each other"));
+    }
+    Ok((
+        mesh_id,
+        dead_letters::Selection {
+            ids: select.ids,
+            older_than: select.older_than.map(Dur::get),
+        },
+    ))
+}
+
 async fn client_command(config: &Config, cmd: ClientCommand) -> anyhow::Result<()> {
     match cmd {
         ClientCommand::Listen(flags) => {
@@ -591,6 +720,58 @@ mod tests {
             default_ws_url("[::]:7900".parse().unwrap()),
             "ws://[::1]:7900/ws"
         );
+    }
+
+    #[test]
+    fn dead_letter_commands_parse_and_need_a_selection() {
+        let cli = Cli::try_parse_from([
+            "meshbroker",
+            "dead-letters",
+            "purge",
+            "--mesh",
+            "m",
+            "--id",
+            "3",
+            "--id",
+            "4",
+            "--older-than",
+            "1h",
+            "--json",
+        ])
+        .unwrap();
+        let Command::DeadLetters(DeadLetterCommand::Purge { select, json }) = cli.command else {
+            panic!("not a purge: {cli:?}");
+        };
+        assert!(json);
+        assert_eq!(select.ids, [3, 4]);
+        assert_eq!(select.older_than, Some(Dur::secs(3600)));
+        let mesh = uuid::Uuid::new_v4().to_string();
+        let none = DeadLetterSelect {
+            mesh: mesh.clone(),
+            ids: vec![],
+            older_than: None,
+            all: false,
+        };
+        let err = dead_letter_selection(none).unwrap_err().to_string();
+        assert!(err.starts_with("say which dead letters"), "{err}");
+        let all = DeadLetterSelect {
+            mesh,
+            ids: vec![],
+            older_than: None,
+            all: true,
+        };
+        let (_, selection) = dead_letter_selection(all).unwrap();
+        assert_eq!(selection, dead_letters::Selection::default());
+        assert!(Cli::try_parse_from([
+            "meshbroker",
+            "dead-letters",
+            "purge",
+            "--mesh",
+            "m",
+            "--older-than",
+            "soon"
+        ])
+        .is_err());
     }
 
     #[test]

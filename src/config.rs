@@ -42,6 +42,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub delivery: DeliveryConfig,
     pub sweeper: SweeperConfig,
+    pub janitor: JanitorConfig,
     pub presence: PresenceConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
@@ -112,6 +113,9 @@ pub struct DeliveryConfig {
     pub message_ttl: Dur,
     /// How long a `client_message_id` stays reserved for its sender.
     pub dedupe_window: Dur,
+    /// How long a delivered delivery (and then its message) is kept before
+    /// the janitor deletes it.
+    pub retention: Dur,
 }
 
 impl Default for DeliveryConfig {
@@ -123,6 +127,7 @@ impl Default for DeliveryConfig {
             max_attempts: 10,
             message_ttl: Dur::secs(7 * 24 * 3600),
             dedupe_window: Dur::secs(600),
+            retention: Dur::secs(24 * 3600),
         }
     }
 }
@@ -135,6 +140,22 @@ pub struct SweeperConfig {
 }
 
 impl Default for SweeperConfig {
+    fn default() -> Self {
+        Self {
+            interval: Dur::secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JanitorConfig {
+    /// Period of the janitor's pass: retention and expiry deletes, old
+    /// presence rows, and waking drains that have claimable deliveries.
+    pub interval: Dur,
+}
+
+impl Default for JanitorConfig {
     fn default() -> Self {
         Self {
             interval: Dur::secs(5),
@@ -276,11 +297,13 @@ impl Config {
                 return invalid(key, value.to_string(), "must be at least 1");
             }
         }
-        let durations: [(&'static str, Dur); 8] = [
+        let durations: [(&'static str, Dur); 10] = [
             ("delivery.lease", self.delivery.lease),
             ("delivery.message_ttl", self.delivery.message_ttl),
             ("delivery.dedupe_window", self.delivery.dedupe_window),
+            ("delivery.retention", self.delivery.retention),
             ("sweeper.interval", self.sweeper.interval),
+            ("janitor.interval", self.janitor.interval),
             ("presence.ping_interval", self.presence.ping_interval),
             ("presence.pong_timeout", self.presence.pong_timeout),
             ("limits.hello_skew", self.limits.hello_skew),
@@ -510,6 +533,33 @@ mod tests {
         let err =
             Config::parse("[delivery]\nmax_in_flight = 0\n", Path::new("c.toml")).unwrap_err();
         assert!(err.to_string().contains("delivery.max_in_flight"), "{err}");
+    }
+
+    #[test]
+    fn retention_and_janitor_interval_are_checked() {
+        let c = Config::parse(
+            "[delivery]\nretention = \"2s\"\n[janitor]\ninterval = \"250ms\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.delivery.retention, Dur::secs(2));
+        assert_eq!(c.janitor.interval, Dur::millis(250));
+        assert_eq!(Config::default().delivery.retention, Dur::secs(24 * 3600));
+        let err = Config::parse("[delivery]\nretention = \"0s\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "config file c.toml: key delivery.retention = 0ms: must be longer than zero"
+        );
+        let err = Config::parse("[delivery]\nretention = \"1 day\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("delivery.retention"), "{err}");
+        let err = Config::parse("[janitor]\ninterval = \"0ms\"\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("janitor.interval"), "{err}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`actors::registry`]: routes between connections and per-member drains.
 //! - [`actors::drain`]: one per member with a live connection; claims, pushes, takes acks.
 //! - [`actors::sweeper`]: supervised; clears expired leases, dead-letters, ends grace windows.
+//! - [`actors::janitor`]: supervised; deletes rows past retention or expiry, wakes drains.
 //! - [`db`]: pool, migrations, schema and the queue queries; [`db::embedded`] the private cluster.
 //! - [`metrics`]: Prometheus counters and the `/metrics` text.
 //! - [`crypto`]: ed25519 keys and the signed handshake strings.
@@ -23,6 +24,7 @@ pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod db;
+pub mod dead_letters;
 pub mod handshake;
 pub mod http;
 pub mod ids;

@@ -16,14 +16,16 @@ pub enum ActorKind {
     Drain,
     Sweeper,
     Registry,
+    Janitor,
 }
 
 impl ActorKind {
-    const ALL: [ActorKind; 4] = [
+    const ALL: [ActorKind; 5] = [
         ActorKind::Session,
         ActorKind::Drain,
         ActorKind::Sweeper,
         ActorKind::Registry,
+        ActorKind::Janitor,
     ];
     fn label(self) -> &'static str {
         match self {
@@ -31,6 +33,7 @@ impl ActorKind {
             ActorKind::Drain => "drain",
             ActorKind::Sweeper => "sweeper",
             ActorKind::Registry => "registry",
+            ActorKind::Janitor => "janitor",
         }
     }
 }
@@ -130,9 +133,35 @@ pub struct Metrics {
     pub sweeper_runs: AtomicU64,
     delivery_seconds: Histogram,
     push_seconds: Histogram,
-    actors: [AtomicI64; 4],
-    actor_messages: [AtomicU64; 4],
-    actor_restarts: [AtomicU64; 4],
+    actors: [AtomicI64; 5],
+    actor_messages: [AtomicU64; 5],
+    actor_restarts: [AtomicU64; 5],
+    /// Rows the janitor deleted, by table (see [`RetentionTable`]).
+    retention_deleted: [AtomicU64; 3],
+    pub janitor_runs: AtomicU64,
+}
+
+/// The tables the janitor deletes from, one label value each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetentionTable {
+    Message,
+    MessageQueue,
+    Presence,
+}
+
+impl RetentionTable {
+    const ALL: [RetentionTable; 3] = [
+        RetentionTable::Message,
+        RetentionTable::MessageQueue,
+        RetentionTable::Presence,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            RetentionTable::Message => "message",
+            RetentionTable::MessageQueue => "message_queue",
+            RetentionTable::Presence => "presence",
+        }
+    }
 }
 
 /// Queue depth by state, read from the database at scrape time.
@@ -176,6 +205,8 @@ impl Metrics {
             actors: Default::default(),
             actor_messages: Default::default(),
             actor_restarts: Default::default(),
+            retention_deleted: Default::default(),
+            janitor_runs: AtomicU64::new(0),
         }
     }
 
@@ -224,6 +255,9 @@ impl Metrics {
     }
     pub fn actor_restarts(&self, kind: ActorKind) -> u64 {
         self.actor_restarts[kind as usize].load(Relaxed)
+    }
+    pub fn retention_deleted(&self, table: RetentionTable, rows: u64) {
+        self.retention_deleted[table as usize].fetch_add(rows, Relaxed);
     }
 
     /// The Prometheus text exposition.
@@ -339,7 +373,24 @@ impl Metrics {
             "meshbroker_push_seconds",
             "Time from a message's acceptance to its first push.",
         );
-        let per_kind: [(&str, &str, &str, &[AtomicI64; 4]); 1] = [(
+        let _ = writeln!(
+            out,
+            "# HELP meshbroker_janitor_runs_total Completed janitor passes.\n# TYPE meshbroker_janitor_runs_total counter\nmeshbroker_janitor_runs_total {}",
+            self.janitor_runs.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP meshbroker_retention_deleted_rows_total Rows the janitor deleted (retention, expiry, closed presence), by table.\n# TYPE meshbroker_retention_deleted_rows_total counter"
+        );
+        for t in RetentionTable::ALL {
+            let _ = writeln!(
+                out,
+                "meshbroker_retention_deleted_rows_total{{table=\"{}\"}} {}",
+                t.label(),
+                self.retention_deleted[t as usize].load(Relaxed)
+            );
+        }
+        let per_kind: [(&str, &str, &str, &[AtomicI64; 5]); 1] = [(
             "meshbroker_actors",
             "gauge",
             "Running actors, by kind.",
@@ -406,6 +457,8 @@ mod tests {
         m.message_rejected("rate_limit");
         m.observe_delivery(0.02);
         m.actor_started(ActorKind::Drain);
+        m.actor_restarted(ActorKind::Janitor);
+        m.retention_deleted(RetentionTable::MessageQueue, 1500);
         let text = m.render(
             Some(QueueDepth {
                 pending: 3,
@@ -419,6 +472,11 @@ mod tests {
         assert!(text.contains("meshbroker_messages_rejected_total{reason=\"rate_limit\"} 1"));
         assert!(text.contains("meshbroker_delivery_seconds_bucket{le=\"0.025\"} 1"));
         assert!(text.contains("meshbroker_actors{kind=\"drain\"} 1"));
+        assert!(text.contains("meshbroker_actor_restarts_total{kind=\"janitor\"} 1"));
+        assert!(
+            text.contains("meshbroker_retention_deleted_rows_total{table=\"message_queue\"} 1500")
+        );
+        assert!(text.contains("meshbroker_retention_deleted_rows_total{table=\"presence\"} 0"));
         assert!(text.contains("meshbroker_queue_deliveries{state=\"pending\"} 3"));
         assert!(text.contains("meshbroker_db_pool_connections{state=\"in_use\"} 1"));
     }

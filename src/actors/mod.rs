@@ -4,8 +4,10 @@
 //! - [`registry::Registry`]: the presence registry; routes between sessions and drains.
 //! - [`drain::Drain`]: one per member with a live connection; claims, pushes, acks.
 //! - [`sweeper::Sweeper`]: supervised; leases, dead letters, grace windows.
+//! - [`janitor::Janitor`]: supervised; retention and expiry deletes, wakes drains.
 
 pub mod drain;
+pub mod janitor;
 pub mod registry;
 pub mod session;
 pub mod sweeper;

@@ -6,6 +6,7 @@
 //! only thing that can make a well-formed request fail that way).
 
 pub mod embedded;
+pub mod lifecycle;
 pub mod queries;
 pub mod schema;
 

@@ -13,5 +13,6 @@ mod frames;
 mod handshake;
 mod http;
 mod interop;
+mod lifecycle;
 mod presence;
 mod process;
