@@ -678,6 +678,24 @@ async fn tables_level_off() {
         sample("after", &env.rows(sample_sql).await.remove(0));
     }
 
+    for row in env
+        .rows(
+            "SELECT relname, n_tup_upd, n_tup_hot_upd, n_tup_del, autovacuum_count
+               FROM pg_stat_user_tables
+              WHERE schemaname = 'mesh' AND relname IN ('message', 'message_queue', 'presence')
+              ORDER BY relname",
+        )
+        .await
+    {
+        println!(
+            "FIGURES level-off {}: updates {} (HOT {}), deletes {}, autovacuums {}",
+            row["relname"],
+            row["n_tup_upd"],
+            row["n_tup_hot_upd"],
+            row["n_tup_del"],
+            row["autovacuum_count"]
+        );
+    }
     assert_eq!(sent, acked, "every message pushed and acked");
     // Rows are bounded by the windows, not by how long the traffic ran:
     // the second half of the run never holds more than the first half did
