@@ -316,6 +316,102 @@ async fn retention_deletes_in_batches_and_keeps_what_can_still_matter() {
     assert_eq!(deleted("presence"), 1.0);
 }
 
+/// The janitor's statements, without a broker (so without a janitor racing
+/// them): each deletes at most its batch, and the walk over all messages
+/// resumes where it stopped and says when it reached the end.
+#[actix_web::test]
+async fn each_delete_statement_is_bounded_by_its_batch() {
+    use meshbroker::db::lifecycle;
+    let env = TestEnv::without_broker().await;
+    let alice = env.member("alice").await;
+    let bob = env.member("bob").await;
+    let old = "now() - interval '1 hour'";
+    seed(
+        &env,
+        2500,
+        &alice,
+        Some(&bob),
+        "delivered",
+        old,
+        "now() + interval '1 day'",
+        &[("attempts", "1"), ("delivered_at", old)],
+    )
+    .await;
+    seed(
+        &env,
+        1200,
+        &alice,
+        Some(&bob),
+        "expired",
+        old,
+        "now() - interval '1 minute'",
+        &[],
+    )
+    .await;
+    seed(
+        &env,
+        10,
+        &alice,
+        Some(&bob),
+        "fresh",
+        "now()",
+        "now() + interval '1 day'",
+        &[("attempts", "1"), ("delivered_at", "now()")],
+    )
+    .await;
+    let mut conn = env.pool.get().await.expect("db conn");
+    let retention = Duration::from_secs(60);
+
+    let mut sizes = Vec::new();
+    loop {
+        let n = lifecycle::delete_delivered(&mut conn, retention, 1000)
+            .await
+            .unwrap()
+            .len();
+        sizes.push(n);
+        if n < 1000 {
+            break;
+        }
+    }
+    assert_eq!(sizes, [1000, 1000, 500], "delivered rows per statement");
+    let expired = lifecycle::delete_expired_deliveries(&mut conn, 1000)
+        .await
+        .unwrap();
+    assert_eq!(expired.len(), 1000);
+    let expired = lifecycle::delete_expired_deliveries(&mut conn, 1000)
+        .await
+        .unwrap();
+    assert_eq!(expired.len(), 200);
+    drop(conn);
+    assert_eq!(
+        left(&env, "fresh").await,
+        (10, 10),
+        "delivered inside retention"
+    );
+
+    // 2500 + 1200 messages without deliveries now, 10 with.
+    let mut conn = env.pool.get().await.expect("db conn");
+    let (mut cursor, mut steps, mut deleted) = (None, 0, 0);
+    loop {
+        let (n, next) = lifecycle::walk_orphan_messages(&mut conn, cursor, retention, 1000)
+            .await
+            .unwrap();
+        assert!(n <= 1000, "one step deletes at most its batch: {n}");
+        deleted += n;
+        steps += 1;
+        match next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    drop(conn);
+    assert_eq!(deleted, 3700);
+    assert_eq!(steps, 4, "3710 messages looked at 1000 per step");
+    assert_eq!(left(&env, "fresh").await, (10, 10));
+    assert_eq!(left(&env, "delivered").await, (0, 0));
+    assert_eq!(left(&env, "expired").await, (0, 0));
+}
+
 #[actix_web::test]
 async fn the_janitor_is_restarted_after_a_failure_and_still_deletes() {
     let env = TestEnv::start_with(|c| {
