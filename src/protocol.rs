@@ -840,7 +840,7 @@ mod hostile {
                 ("mentions", bounds::MENTIONS),
                 ("ciphertext", usize::MAX),
             ][field];
-            let text = if nul || max == usize::MAX { format!("a\u{0}b") } else { "x".repeat(max + over) };
+            let text = if nul || max == usize::MAX { "a\u{0}b".to_owned() } else { "x".repeat(max + over) };
             match name {
                 "targetSpec" => send.target_spec = text,
                 "client_message_id" => send.client_message_id = Some(text),
