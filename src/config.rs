@@ -357,11 +357,10 @@ fn is_password_key(key: &str) -> bool {
 
 /// The part of a URI after `scheme://`.
 fn redact_uri_rest(rest: &str) -> String {
-    // The userinfo ends at the last `@` before the query; a password may
-    // hold `@`, `/` or `?` unencoded, so failing that, at the last `@`.
-    let query_at = rest.find('?').unwrap_or(rest.len());
-    let at = rest[..query_at].rfind('@').or_else(|| rest.rfind('@'));
-    let (auth, tail) = match at {
+    // A password may hold `@`, `/` or `?` unencoded, and parsers disagree
+    // on which `@` ends it (tokio-postgres takes the first, libpq the first
+    // before a `/`): everything up to the last `@` is hidden.
+    let (auth, tail) = match rest.rfind('@') {
         Some(at) => rest.split_at(at),
         None => ("", rest),
     };
@@ -618,6 +617,10 @@ mod tests {
             // `@`, `/`, `?` and `:` inside an unencoded password.
             ("postgres://u:s3cr@t@h/db", "postgres://u:***@h/db"),
             ("postgres://u:a/b?c@h:5432/db", "postgres://u:***@h:5432/db"),
+            (
+                "postgres://u:s3cr@t/x?y@h/db?a=1",
+                "postgres://u:***@h/db?a=1",
+            ),
             ("postgres://u:x:y@h/db", "postgres://u:***@h/db"),
             (
                 "postgresql://u:p%40ss@h/db?sslmode=disable",

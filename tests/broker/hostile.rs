@@ -912,3 +912,109 @@ async fn a_hello_naming_a_malformed_mesh_id_is_unauthorized() {
     }
     env.connect(&a).await;
 }
+
+// ---------------------------------------------------------------------------
+// Secrets: no database password in `print-config` or in a broker's output.
+
+/// Runs the real executable with `args`, a config file holding `toml`, and
+/// `env_url` as MESHBROKER_DATABASE_URL; returns (exit success, stdout +
+/// stderr). Never waits longer than 60 s.
+async fn run_meshbroker(toml: &str, env_url: Option<&str>, args: &[&str]) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("meshbroker.toml");
+    std::fs::write(&config, toml).expect("write config");
+    let mut cmd = std::process::Command::new(crate::broker_process::BIN);
+    cmd.arg("--config")
+        .arg(&config)
+        .args(args)
+        .env_remove("MESHBROKER_DATABASE_URL")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(url) = env_url {
+        cmd.env("MESHBROKER_DATABASE_URL", url);
+    }
+    let mut child = cmd.spawn().expect("spawn meshbroker");
+    let status = crate::broker_process::wait_child(&mut child, Duration::from_secs(60)).await;
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (status.is_some_and(|s| s.success()), text)
+}
+
+/// Database URLs with a password in every place one can be written; the
+/// password always contains `hunter2`.
+const SECRET_URLS: [&str; 5] = [
+    "postgres://meshuser:hunter2@127.0.0.1:1/meshbroker",
+    "postgresql://meshuser:hun@ter2/x?y@127.0.0.1:1/meshbroker?connect_timeout=2",
+    "postgres://meshuser@127.0.0.1:1/meshbroker?password=hunter2&connect_timeout=2",
+    "host=127.0.0.1 port=1 user=meshuser password='hunter2 with spaces' dbname=meshbroker",
+    "host=127.0.0.1 port=1 password = hunter2 dbname=meshbroker",
+];
+
+fn assert_no_secret(what: &str, text: &str) {
+    for leak in ["hunter2", "hun@ter2", "ter2/x", "with spaces"] {
+        assert!(
+            !text.contains(leak),
+            "{what} shows the password ({leak:?}):\n{text}"
+        );
+    }
+}
+
+#[actix_web::test]
+async fn print_config_never_shows_a_database_password() {
+    for url in SECRET_URLS {
+        let toml = format!("[database]\nurl = {url:?}\n");
+        let (ok, out) = run_meshbroker(&toml, None, &["print-config"]).await;
+        assert!(ok, "print-config failed: {out}");
+        assert!(out.contains("***"), "{url}: redaction is visible:\n{out}");
+        assert_no_secret(&format!("print-config of {url}"), &out);
+        // The same URL through the environment overrides the file's.
+        let (ok, out) = run_meshbroker(
+            "[database]\nurl = \"postgres://other@h/db\"\n",
+            Some(url),
+            &["print-config"],
+        )
+        .await;
+        assert!(ok, "print-config failed: {out}");
+        assert!(!out.contains("other@h"), "the env URL wins:\n{out}");
+        assert_no_secret(&format!("print-config with env {url}"), &out);
+    }
+}
+
+#[actix_web::test]
+async fn serve_with_an_unreachable_password_url_fails_without_printing_it() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for (i, url) in SECRET_URLS.iter().enumerate() {
+        // Trace logging: the most a broker ever prints.
+        let toml = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[log]\nlevel = \"trace\"\n[database]\nurl = {url:?}\n"
+        );
+        let (env_url, file) = if i % 2 == 0 {
+            (None, toml)
+        } else {
+            (Some(*url), toml.replace(&format!("url = {url:?}\n"), ""))
+        };
+        let (ok, out) = run_meshbroker(&file, env_url, &["serve"]).await;
+        assert!(!ok, "serve on an unreachable database must fail: {out}");
+        assert!(
+            out.contains("meshbroker: error:") && out.contains("***"),
+            "{url}: the error names the redacted URL:\n{out}"
+        );
+        assert_no_secret(&format!("serve on {url}"), &out);
+        // `migrate` and the admin commands take the same path.
+        let (ok, out) = run_meshbroker(&file, env_url, &["mesh", "create", "--name", "x"]).await;
+        assert!(!ok, "{out}");
+        assert_no_secret(&format!("mesh create on {url}"), &out);
+    }
+}
