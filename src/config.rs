@@ -178,6 +178,9 @@ pub struct LimitsConfig {
     pub max_connections_per_mesh: u32,
     /// Allowed clock difference of a hello's timestamp.
     pub hello_skew: Dur,
+    /// How long a connection may stay open without a successful hello:
+    /// unauthenticated sockets must not pile up (pings keep them alive).
+    pub hello_timeout: Dur,
 }
 
 impl Default for LimitsConfig {
@@ -189,6 +192,7 @@ impl Default for LimitsConfig {
             send_per_sec: 100,
             max_connections_per_mesh: 1000,
             hello_skew: Dur::secs(60),
+            hello_timeout: Dur::secs(10),
         }
     }
 }
@@ -276,8 +280,9 @@ impl Config {
                 return invalid(key, value.to_string(), "must be at least 1");
             }
         }
-        let durations: [(&'static str, Dur); 8] = [
+        let durations: [(&'static str, Dur); 9] = [
             ("delivery.lease", self.delivery.lease),
+            ("limits.hello_timeout", self.limits.hello_timeout),
             ("delivery.message_ttl", self.delivery.message_ttl),
             ("delivery.dedupe_window", self.delivery.dedupe_window),
             ("sweeper.interval", self.sweeper.interval),

@@ -903,6 +903,18 @@ impl Actor for WsSession {
             }
             ctx.ping(b"");
         });
+        // Pings answer keepalive, not identity: a socket that never says
+        // hello (or whose hello is still being verified, which `ctx.wait`
+        // finishes first) is closed, so unauthenticated connections cannot
+        // pile up.
+        ctx.run_later(self.shared.config.limits.hello_timeout.get(), |act, ctx| {
+            if act.ready.is_none() && act.pending_presence.is_none() {
+                act.refuse(
+                    ctx,
+                    handshake::Refusal::new("hello_timeout", "no hello in time"),
+                );
+            }
+        });
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {

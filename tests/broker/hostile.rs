@@ -1018,3 +1018,42 @@ async fn serve_with_an_unreachable_password_url_fails_without_printing_it() {
         assert_no_secret(&format!("mesh create on {url}"), &out);
     }
 }
+
+#[actix_web::test]
+async fn a_connection_without_hello_is_closed_after_the_hello_timeout() {
+    let env = TestEnv::start_with(|c| {
+        c.limits.hello_timeout = meshbroker::config::Dur::millis(600);
+    })
+    .await;
+    let a = env.member("alice").await;
+    // Keeps talking (pings, frames refused no_hello) but never says hello.
+    let mut idle = Connection::connect(&env.ws_url).await.must();
+    idle.ping().await.must();
+    idle.send_json(&json!({"type": "list_peers"})).await.must();
+    let err = idle.expect("error", WAIT).await.must();
+    assert_eq!(err["code"], "no_hello", "{err}");
+    let err = idle.expect("error", WAIT).await.must();
+    assert_eq!(err["code"], "hello_timeout", "{err}");
+    let (code, reason) = idle.expect_close(WAIT).await.must();
+    assert_eq!((code, reason.as_str()), (Some(1008), "hello_timeout"));
+    // One that said hello in time stays open past the timeout.
+    let mut conn = env.connect(&a).await;
+    let frames = conn.drain_for(Duration::from_millis(1200)).await.must();
+    assert!(!conn.is_closed(), "closed after its hello: {frames:?}");
+    conn.list_peers(None).await.must();
+    let text = env.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "meshbroker_connections_rejected_total",
+            &[("reason", "hello_timeout")]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "meshbroker_actors", &[("kind", "session")]),
+        1.0,
+        "{text}"
+    );
+}
