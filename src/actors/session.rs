@@ -337,13 +337,19 @@ impl WsSession {
             ClientFrame::Send(send) => self.send(*send, ctx),
             ClientFrame::ClientAck(a) => {
                 let broker_message_id = a.broker_message_id.as_deref().and_then(|s| s.parse().ok());
-                if broker_message_id.is_none() && a.client_message_id.is_none() {
+                // An id no send could have stored matches nothing; one with
+                // U+0000 would fail in the database and log a warning each
+                // time, so it is dropped here.
+                let client_message_id = a.client_message_id.filter(|c| {
+                    protocol::check_text("clientMessageId", c, bounds::CLIENT_ID).is_ok()
+                });
+                if broker_message_id.is_none() && client_message_id.is_none() {
                     return;
                 }
                 ready.drain.do_send(drain::Ack {
                     presence_id: ready.presence_id,
                     broker_message_id,
-                    client_message_id: a.client_message_id,
+                    client_message_id,
                 });
             }
             ClientFrame::Nack(n) => {
