@@ -640,6 +640,7 @@ mod tests {
             shipped.limits.max_frame_bytes,
             default.limits.max_frame_bytes
         );
+        assert_eq!(shipped.limits.hello_timeout, default.limits.hello_timeout);
         assert_eq!(shipped.log.level, default.log.level);
         assert_eq!(shipped.log.format, default.log.format);
         // Every key is spelled out, so the file and the defaults agree fully.

@@ -199,6 +199,9 @@ pub struct LimitsConfig {
     pub max_connections_per_mesh: u32,
     /// Allowed clock difference of a hello's timestamp.
     pub hello_skew: Dur,
+    /// How long a connection may stay open without a successful hello:
+    /// unauthenticated sockets must not pile up (pings keep them alive).
+    pub hello_timeout: Dur,
 }
 
 impl Default for LimitsConfig {
@@ -210,6 +213,7 @@ impl Default for LimitsConfig {
             send_per_sec: 100,
             max_connections_per_mesh: 1000,
             hello_skew: Dur::secs(60),
+            hello_timeout: Dur::secs(10),
         }
     }
 }
@@ -297,8 +301,9 @@ impl Config {
                 return invalid(key, value.to_string(), "must be at least 1");
             }
         }
-        let durations: [(&'static str, Dur); 10] = [
+        let durations: [(&'static str, Dur); 11] = [
             ("delivery.lease", self.delivery.lease),
+            ("limits.hello_timeout", self.limits.hello_timeout),
             ("delivery.message_ttl", self.delivery.message_ttl),
             ("delivery.dedupe_window", self.delivery.dedupe_window),
             ("delivery.retention", self.delivery.retention),
@@ -363,29 +368,113 @@ impl Config {
     }
 }
 
-/// Replaces the password of a database URL (or `password=` of a key/value
-/// connection string) with `***`.
+/// Replaces every password in a database URL with `***`: the userinfo's
+/// (`postgres://user:secret@host/db`), a `password=` / `sslpassword=` query
+/// parameter, and the same keys of a key/value connection string
+/// (`host=/tmp password='a b'`). When in doubt it hides more, never less.
 pub fn redact_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        let (auth, tail) = match rest.find('@') {
-            Some(at) => (&rest[..at], &rest[at..]),
-            None => return url.to_owned(),
-        };
-        if let Some((user, _password)) = auth.split_once(':') {
-            return format!("{scheme}://{user}:***{tail}");
-        }
-        return url.to_owned();
+    match url.split_once("://") {
+        Some((scheme, rest)) => format!("{scheme}://{}", redact_uri_rest(rest)),
+        None => redact_conninfo(url),
     }
-    url.split_whitespace()
-        .map(|part| {
-            if part.starts_with("password=") {
-                "password=***".to_owned()
-            } else {
-                part.to_owned()
+}
+
+fn is_password_key(key: &str) -> bool {
+    key.eq_ignore_ascii_case("password") || key.eq_ignore_ascii_case("sslpassword")
+}
+
+/// The part of a URI after `scheme://`.
+fn redact_uri_rest(rest: &str) -> String {
+    // A password may hold `@`, `/` or `?` unencoded, and parsers disagree
+    // on which `@` ends it (tokio-postgres takes the first, libpq the first
+    // before a `/`): everything up to the last `@` is hidden.
+    let (auth, tail) = match rest.rfind('@') {
+        Some(at) => rest.split_at(at),
+        None => ("", rest),
+    };
+    let auth = match auth.split_once(':') {
+        Some((user, _password)) => format!("{user}:***"),
+        None => auth.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if is_password_key(k) => format!("{k}=***"),
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{auth}{tail}")
+}
+
+/// A libpq key/value string: `key = value` pairs, values bare or in single
+/// quotes with backslash escapes. Unparseable text is hidden whole.
+fn redact_conninfo(s: &str) -> String {
+    let mut out = Vec::new();
+    let mut chars = s.char_indices().peekable();
+    let skip_ws = |chars: &mut std::iter::Peekable<std::str::CharIndices>| {
+        while chars.peek().is_some_and(|(_, c)| c.is_whitespace()) {
+            chars.next();
+        }
+    };
+    loop {
+        skip_ws(&mut chars);
+        let Some(&(key_start, _)) = chars.peek() else {
+            break;
+        };
+        let mut key_end = s.len();
+        while let Some(&(i, c)) = chars.peek() {
+            if c == '=' || c.is_whitespace() {
+                key_end = i;
+                break;
             }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+            chars.next();
+        }
+        let key = &s[key_start..key_end];
+        skip_ws(&mut chars);
+        if chars.next().map(|(_, c)| c) != Some('=') {
+            return "***".to_owned();
+        }
+        skip_ws(&mut chars);
+        let value_start = chars.peek().map_or(s.len(), |&(i, _)| i);
+        let mut value_end = s.len();
+        let quoted = chars.peek().is_some_and(|&(_, c)| c == '\'');
+        if quoted {
+            chars.next();
+        }
+        let mut closed = !quoted;
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    chars.next();
+                }
+                '\'' if quoted => {
+                    value_end = i + 1;
+                    closed = true;
+                    break;
+                }
+                c if !quoted && c.is_whitespace() => {
+                    value_end = i;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        if !closed {
+            return "***".to_owned();
+        }
+        if is_password_key(key) {
+            out.push(format!("{key}=***"));
+        } else {
+            out.push(format!("{key}={}", &s[value_start..value_end]));
+        }
+    }
+    out.join(" ")
 }
 
 /// toml's message on one line, led by the dotted key it is about (found
@@ -575,5 +664,52 @@ mod tests {
         let mut c = Config::default();
         c.database.url = Some("postgres://u:secret@h/db".into());
         assert!(!c.to_redacted_toml().contains("secret"));
+    }
+
+    #[test]
+    fn every_form_of_password_is_redacted() {
+        let cases = [
+            // `@`, `/`, `?` and `:` inside an unencoded password.
+            ("postgres://u:s3cr@t@h/db", "postgres://u:***@h/db"),
+            ("postgres://u:a/b?c@h:5432/db", "postgres://u:***@h:5432/db"),
+            (
+                "postgres://u:s3cr@t/x?y@h/db?a=1",
+                "postgres://u:***@h/db?a=1",
+            ),
+            ("postgres://u:x:y@h/db", "postgres://u:***@h/db"),
+            (
+                "postgresql://u:p%40ss@h/db?sslmode=disable",
+                "postgresql://u:***@h/db?sslmode=disable",
+            ),
+            // Query parameters.
+            (
+                "postgres://u@h/db?password=s3cr",
+                "postgres://u@h/db?password=***",
+            ),
+            (
+                "postgres://h/db?sslmode=require&PASSWORD=s3cr&sslpassword=k3y",
+                "postgres://h/db?sslmode=require&PASSWORD=***&sslpassword=***",
+            ),
+            (
+                "postgresql://postgres@/db?host=/tmp/x&port=5432",
+                "postgresql://postgres@/db?host=/tmp/x&port=5432",
+            ),
+            // Key/value strings, quoted values with spaces and escapes.
+            (
+                "host=/tmp password='s3 cr' user=u",
+                "host=/tmp password=*** user=u",
+            ),
+            (
+                "host=h password = s3cr dbname=d",
+                "host=h password=*** dbname=d",
+            ),
+            (r"password='a\'b s3cr' host=h", "password=*** host=h"),
+            ("host=h password='unterminated s3cr", "***"),
+        ];
+        for (url, want) in cases {
+            let got = redact_url(url);
+            assert_eq!(got, want, "redact_url({url:?})");
+            assert!(!got.contains("s3cr") && !got.contains("k3y"), "{got}");
+        }
     }
 }

@@ -56,7 +56,8 @@ pub struct Claims {
 pub fn verify_offline(kind: &HelloKind, now_ms: i64, config: &Config) -> Result<Claims, Refusal> {
     let skew_ms = config.limits.hello_skew.get().as_millis() as i64;
     let check_skew = |ts: i64| {
-        if (now_ms - ts).abs() > skew_ms {
+        // i128: a hostile timestamp such as i64::MIN must not overflow.
+        if (i128::from(now_ms) - i128::from(ts)).abs() > i128::from(skew_ms) {
             Err(Refusal::new(
                 "timestamp_skew",
                 format!(
@@ -141,7 +142,7 @@ pub fn verify_offline(kind: &HelloKind, now_ms: i64, config: &Config) -> Result<
                     "the session attestation has expired",
                 ));
             }
-            if att.expires_at > now_ms + MAX_ATTESTATION_MS {
+            if att.expires_at > now_ms.saturating_add(MAX_ATTESTATION_MS) {
                 return Err(Refusal::new(
                     "ttl_too_long",
                     "the session attestation reaches more than 24 h ahead",
@@ -237,4 +238,207 @@ pub async fn verify_online(
         ));
     }
     Ok(member)
+}
+
+/// Hostile hellos: any tampering is refused with the contract's code, in the
+/// contract's order, and nothing panics (hostile timestamps included).
+#[cfg(test)]
+mod hostile {
+    use super::*;
+    use crate::crypto;
+    use crate::protocol::{decode, ClientFrame};
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    const NOW: i64 = 1_764_240_000_000;
+
+    fn key(seed: u8) -> ed25519_dalek::SigningKey {
+        ed25519_dalek::SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn hello(member: &ed25519_dalek::SigningKey, ts: i64) -> Value {
+        let pubkey = crypto::public_hex(member);
+        let msg = crypto::hello_message("mesh-1", "member-1", &pubkey, ts);
+        json!({"type":"hello","meshId":"mesh-1","memberId":"member-1","pubkey":pubkey,
+               "timestamp":ts,"signature":crypto::sign_hex(member, &msg)})
+    }
+
+    fn session_hello(
+        member: &ed25519_dalek::SigningKey,
+        session: &ed25519_dalek::SigningKey,
+        ts: i64,
+        expires: i64,
+    ) -> Value {
+        let parent = crypto::public_hex(member);
+        let spk = crypto::public_hex(session);
+        let att = crypto::attestation_message(&parent, &spk, expires);
+        let msg = crypto::session_hello_message("mesh-1", &parent, &spk, ts);
+        json!({"type":"session_hello","meshId":"mesh-1","parentMemberPubkey":parent,
+               "sessionPubkey":spk,"parentAttestation":{"sessionPubkey":spk,
+               "parentMemberPubkey":parent,"expiresAt":expires,
+               "signature":crypto::sign_hex(member, &att)},
+               "timestamp":ts,"signature":crypto::sign_hex(session, &msg)})
+    }
+
+    /// The refusal code of `frame` at `NOW` (`"ok"` when accepted offline;
+    /// `"malformed"` when it does not even decode as a hello).
+    fn verdict(frame: &Value) -> &'static str {
+        let kind = match decode(&frame.to_string()) {
+            Ok(r) => match r.frame {
+                ClientFrame::Hello(h) => HelloKind::Member(h),
+                ClientFrame::SessionHello(h) => HelloKind::Session(h),
+                other => panic!("not a hello: {other:?}"),
+            },
+            Err(_) => return "malformed",
+        };
+        match verify_offline(&kind, NOW, &Config::default()) {
+            Ok(_) => "ok",
+            Err(r) => r.code,
+        }
+    }
+
+    /// Changes one hex digit of a string field (at a dotted path).
+    fn flip(frame: &mut Value, path: &[&str], at: usize) {
+        let mut v = &mut *frame;
+        for p in path {
+            v = &mut v[*p];
+        }
+        let s = v.as_str().expect("a string field").to_owned();
+        let i = at % s.len();
+        let c = s.as_bytes()[i];
+        let swapped = if c == b'0' { '1' } else { '0' };
+        let mut out = s.clone();
+        out.replace_range(i..=i, &swapped.to_string());
+        *v = json!(out);
+    }
+
+    #[test]
+    fn genuine_hellos_pass() {
+        assert_eq!(verdict(&hello(&key(1), NOW)), "ok");
+        assert_eq!(
+            verdict(&session_hello(&key(1), &key(2), NOW, NOW + 3_600_000)),
+            "ok"
+        );
+    }
+
+    #[test]
+    fn extreme_timestamps_are_skew_not_a_panic() {
+        for ts in [i64::MIN, i64::MIN + 1, i64::MAX, -1, 0] {
+            assert_eq!(verdict(&hello(&key(1), ts)), "timestamp_skew", "{ts}");
+            let frame = session_hello(&key(1), &key(2), ts, NOW + 1000);
+            assert_eq!(verdict(&frame), "timestamp_skew", "{ts}");
+        }
+        for expires in [i64::MAX, i64::MIN] {
+            let frame = session_hello(&key(1), &key(2), NOW, expires);
+            let want = if expires > 0 {
+                "ttl_too_long"
+            } else {
+                "expired"
+            };
+            assert_eq!(verdict(&frame), want, "{expires}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_timestamp_is_judged_by_skew_alone(ts in any::<i64>()) {
+            let skew = Config::default().limits.hello_skew.get().as_millis() as i64;
+            let want = if (i128::from(NOW) - i128::from(ts)).abs() <= i128::from(skew) {
+                "ok"
+            } else {
+                "timestamp_skew"
+            };
+            prop_assert_eq!(verdict(&hello(&key(1), ts)), want);
+        }
+
+        #[test]
+        fn a_tampered_hello_never_passes(
+            field in 0usize..5,
+            at in any::<usize>(),
+            delta in 1i64..50_000,
+        ) {
+            let mut frame = hello(&key(1), NOW);
+            match field {
+                0 => flip(&mut frame, &["signature"], at),
+                1 => flip(&mut frame, &["pubkey"], at),
+                2 => frame["timestamp"] = json!(NOW - delta),
+                3 => frame["meshId"] = json!(format!("mesh-{delta}")),
+                _ => frame["memberId"] = json!(format!("member-{delta}")),
+            }
+            let v = verdict(&frame);
+            // A flipped pubkey digit may leave no valid curve point: that
+            // is still "does not verify".
+            prop_assert_eq!(v, "bad_signature", "field {}", field);
+        }
+
+        #[test]
+        fn a_tampered_session_hello_never_passes(
+            field in 0usize..9,
+            at in any::<usize>(),
+            delta in 1i64..50_000,
+        ) {
+            let mut frame = session_hello(&key(1), &key(2), NOW, NOW + 3_600_000);
+            let other = crypto::public_hex(&key(3));
+            let want = match field {
+                0 => { flip(&mut frame, &["signature"], at); "bad_signature" }
+                1 => { flip(&mut frame, &["parentAttestation", "signature"], at); "bad_signature" }
+                2 => { frame["parentAttestation"]["expiresAt"] = json!(NOW + 3_600_000 - delta); "bad_signature" }
+                3 => { frame["parentAttestation"]["sessionPubkey"] = json!(other); "attestation_mismatch" }
+                4 => { frame["parentAttestation"]["parentMemberPubkey"] = json!(other); "attestation_mismatch" }
+                // Both outer and attested keys swapped consistently: the
+                // attestation's signature no longer covers them.
+                5 => {
+                    frame["sessionPubkey"] = json!(other);
+                    frame["parentAttestation"]["sessionPubkey"] = json!(other);
+                    "bad_signature"
+                }
+                6 => { frame["timestamp"] = json!(NOW - delta); "bad_signature" }
+                7 => { frame["meshId"] = json!(format!("mesh-{delta}")); "bad_signature" }
+                _ => { frame["parentAttestation"]["expiresAt"] = json!(NOW - delta); "expired" }
+            };
+            prop_assert_eq!(verdict(&frame), want, "field {}", field);
+        }
+
+        /// The contract's order: a bad sessionPubkey is reported before a
+        /// skewed timestamp, which is reported before bad hex, before a bad
+        /// signature.
+        #[test]
+        fn refusals_come_in_the_contracts_order(
+            bad_spk in any::<bool>(),
+            skewed in any::<bool>(),
+            bad_hex in any::<bool>(),
+            bad_sig in any::<bool>(),
+        ) {
+            let mut frame = hello(&key(1), NOW);
+            if bad_spk { frame["sessionPubkey"] = json!("ZZ"); }
+            if skewed { frame["timestamp"] = json!(NOW - 3_600_000); }
+            if bad_hex { frame["signature"] = json!("abc"); }
+            if bad_sig { flip(&mut frame, &["memberId"], 0); }
+            let want = if bad_spk { "bad_session_pubkey" }
+                else if skewed { "timestamp_skew" }
+                else if bad_hex { "malformed" }
+                else if bad_sig { "bad_signature" }
+                else { "ok" };
+            prop_assert_eq!(verdict(&frame), want);
+        }
+
+        /// Random strings in every field of a hello: refused, never a panic,
+        /// never accepted.
+        #[test]
+        fn random_hellos_are_refused(
+            mesh in ".{0,80}", member in ".{0,80}", pubkey in "[0-9a-fA-F]{0,70}|.{0,70}",
+            sig in "[0-9a-fA-F]{120,130}|.{0,70}", ts in any::<i64>(), spk in proptest::option::of(".{0,70}"),
+        ) {
+            let mut frame = json!({"type":"hello","meshId":mesh,"memberId":member,"pubkey":pubkey,
+                                   "timestamp":ts,"signature":sig});
+            if let Some(spk) = spk { frame["sessionPubkey"] = json!(spk); }
+            let v = verdict(&frame);
+            prop_assert!(
+                ["bad_session_pubkey", "timestamp_skew", "malformed", "bad_signature"].contains(&v),
+                "{v}"
+            );
+        }
+    }
 }

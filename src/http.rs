@@ -15,6 +15,7 @@ use crate::actors::session::WsSession;
 use crate::actors::{RateLimiter, Shared};
 use crate::db::{self, queries};
 use crate::metrics::PoolState;
+use crate::protocol::{bounds, check_text};
 
 /// Hook requests one source address may make: burst, then per second.
 const HOOK_BURST: u32 = 50;
@@ -150,6 +151,21 @@ async fn hook_set_status(
             StatusCode::BAD_REQUEST,
             "invalid: status must be idle, working or dnd",
         );
+    }
+    // Text the database cannot hold (U+0000) or longer than any hello may
+    // set matches nothing; refusing it here keeps it from reading as a
+    // database failure.
+    let bounded = [
+        ("session_id", &hook.session_id, bounds::SESSION_ID),
+        ("cwd", &hook.cwd, bounds::CWD),
+    ]
+    .into_iter()
+    .try_for_each(|(name, v, max)| match v {
+        Some(v) => check_text(name, v, max),
+        None => Ok(()),
+    });
+    if let Err(e) = bounded {
+        return fail(StatusCode::BAD_REQUEST, &format!("invalid: {e}"));
     }
     let loopback = peer.is_some_and(|ip| ip.is_loopback());
     let Ok(mut conn) = state.shared.pool.get().await else {

@@ -124,6 +124,9 @@ pub struct Metrics {
     connections_rejected: Labeled,
     messages_accepted: [AtomicU64; 3],
     messages_rejected: Labeled,
+    /// Frames refused after the hello or outside it: error frames that
+    /// leave the connection open, and the 1009 / 1002 closes.
+    frames_rejected: Labeled,
     pub deliveries_claimed: AtomicU64,
     pub deliveries_pushed: AtomicU64,
     pub deliveries_acked: AtomicU64,
@@ -193,6 +196,7 @@ impl Metrics {
             connections_rejected: Labeled::default(),
             messages_accepted: Default::default(),
             messages_rejected: Labeled::default(),
+            frames_rejected: Labeled::default(),
             deliveries_claimed: AtomicU64::new(0),
             deliveries_pushed: AtomicU64::new(0),
             deliveries_acked: AtomicU64::new(0),
@@ -227,6 +231,11 @@ impl Metrics {
     }
     pub fn message_rejected(&self, reason: &'static str) {
         self.messages_rejected.inc(reason);
+    }
+    /// A frame refused: `reason` is the error code sent, or
+    /// `frame_too_large` (closed 1009) / `protocol_error` (closed 1002).
+    pub fn frame_rejected(&self, reason: &'static str) {
+        self.frames_rejected.inc(reason);
     }
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
@@ -305,6 +314,12 @@ impl Metrics {
             "meshbroker_messages_rejected_total",
             "Sends refused, by reason (the error code).",
             &self.messages_rejected.snapshot(),
+        );
+        labeled(
+            &mut out,
+            "meshbroker_frames_rejected_total",
+            "Frames refused other than hellos and sends, by reason (the error code; frame_too_large closed 1009, protocol_error closed 1002).",
+            &self.frames_rejected.snapshot(),
         );
         let counters: [(&str, &str, &AtomicU64); 7] = [
             (
@@ -455,6 +470,7 @@ mod tests {
         m.connection_opened(Role::Session);
         m.message_accepted("now");
         m.message_rejected("rate_limit");
+        m.frame_rejected("frame_too_large");
         m.observe_delivery(0.02);
         m.actor_started(ActorKind::Drain);
         m.actor_restarted(ActorKind::Janitor);
@@ -470,6 +486,7 @@ mod tests {
         assert!(text.contains("meshbroker_connections{role=\"session\"} 1"));
         assert!(text.contains("meshbroker_messages_accepted_total{priority=\"now\"} 1"));
         assert!(text.contains("meshbroker_messages_rejected_total{reason=\"rate_limit\"} 1"));
+        assert!(text.contains("meshbroker_frames_rejected_total{reason=\"frame_too_large\"} 1"));
         assert!(text.contains("meshbroker_delivery_seconds_bucket{le=\"0.025\"} 1"));
         assert!(text.contains("meshbroker_actors{kind=\"drain\"} 1"));
         assert!(text.contains("meshbroker_actor_restarts_total{kind=\"janitor\"} 1"));

@@ -9,17 +9,52 @@ use serde_json::Value;
 
 use crate::ids::Role;
 
-/// Longest accepted text of each free-form field; longer is refused `invalid`.
+/// Longest accepted text of each free-form field, in bytes; longer is
+/// refused `invalid`. Every field a client sends that the broker stores or
+/// relays has one; `id` and `_reqId`, only echoed back, are bounded by the
+/// frame limit alone. No stored text may contain U+0000 either: PostgreSQL
+/// `text` and `jsonb` cannot hold it, and a refusal by the database would
+/// read as `unavailable`, which clients retry for minutes.
 pub mod bounds {
     pub const DISPLAY_NAME: usize = 256;
     pub const SESSION_ID: usize = 256;
     pub const CWD: usize = 4096;
+    /// hostname, peerType, channel, model, a group's role.
     pub const SHORT_FIELD: usize = 256;
     pub const SUMMARY: usize = 2048;
     pub const GROUP_NAME: usize = 128;
     pub const GROUPS: usize = 64;
     pub const TARGET_SPEC: usize = 512;
+    /// client_message_id, request_fingerprint, replyToId.
     pub const CLIENT_ID: usize = 256;
+    /// `mentions`, as compact JSON.
+    pub const MENTIONS: usize = 4096;
+}
+
+/// Checks one text field: at most `max` bytes and no U+0000.
+pub fn check_text(name: &str, value: &str, max: usize) -> Result<(), String> {
+    if value.len() > max {
+        return Err(format!("{name} is longer than {max} bytes"));
+    }
+    check_no_nul(name, value)
+}
+
+/// Checks an unbounded (size-limited elsewhere) field for U+0000.
+pub fn check_no_nul(name: &str, value: &str) -> Result<(), String> {
+    if value.contains('\0') {
+        return Err(format!("{name} contains a NUL character"));
+    }
+    Ok(())
+}
+
+/// True when any string or key inside `v` contains U+0000.
+fn json_has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(json_has_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || json_has_nul(v)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
 }
 
 /// One group membership of a connection (`{"name":…,"role":…}`, or a bare name).
@@ -90,8 +125,8 @@ impl ConnectionInfo {
             ("model", &self.model, bounds::SHORT_FIELD),
         ];
         for (name, value, max) in fields {
-            if value.as_deref().is_some_and(|v| v.len() > max) {
-                return Err(format!("{name} is longer than {max} bytes"));
+            if let Some(v) = value {
+                check_text(name, v, max)?;
             }
         }
         check_groups(&self.groups)
@@ -104,19 +139,16 @@ pub fn check_groups(groups: &[Group]) -> Result<(), String> {
     }
     for g in groups {
         check_group_name(&g.name)?;
-        if g.role
-            .as_deref()
-            .is_some_and(|r| r.len() > bounds::SHORT_FIELD)
-        {
-            return Err(format!(
-                "group role is longer than {} bytes",
-                bounds::SHORT_FIELD
-            ));
+        if let Some(role) = &g.role {
+            check_text("group role", role, bounds::SHORT_FIELD)?;
         }
     }
     Ok(())
 }
 
+/// A group name is data: matched by exact comparison and `/` prefixes in
+/// the broker, never as a pattern, so any non-empty text within bounds is
+/// a name.
 pub fn check_group_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > bounds::GROUP_NAME {
         return Err(format!(
@@ -124,7 +156,7 @@ pub fn check_group_name(name: &str) -> Result<(), String> {
             bounds::GROUP_NAME
         ));
     }
-    Ok(())
+    check_no_nul("group name", name)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -189,6 +221,37 @@ pub struct SendFrame {
     pub reply_to_id: Option<String>,
     #[serde(default)]
     pub mentions: Option<Value>,
+}
+
+impl SendFrame {
+    /// Checks the stored fields against [`bounds`] (the payload's size is
+    /// `limits.max_message_bytes`' business); names the first one at fault.
+    pub fn check_bounds(&self) -> Result<(), String> {
+        check_text("targetSpec", &self.target_spec, bounds::TARGET_SPEC)?;
+        check_no_nul("nonce", &self.nonce)?;
+        check_no_nul("ciphertext", &self.ciphertext)?;
+        for (name, v) in [
+            ("client_message_id", &self.client_message_id),
+            ("request_fingerprint", &self.request_fingerprint),
+            ("replyToId", &self.reply_to_id),
+        ] {
+            if let Some(v) = v {
+                check_text(name, v, bounds::CLIENT_ID)?;
+            }
+        }
+        if let Some(m) = &self.mentions {
+            if m.to_string().len() > bounds::MENTIONS {
+                return Err(format!(
+                    "mentions is longer than {} bytes",
+                    bounds::MENTIONS
+                ));
+            }
+            if json_has_nul(m) {
+                return Err("mentions contains a NUL character".into());
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -575,5 +638,306 @@ mod tests {
         };
         assert_eq!(h.info.groups.len(), 2);
         assert_eq!(h.info.groups[1].role.as_deref(), Some("lead"));
+    }
+}
+
+/// Hostile input: whatever a client sends, `decode` returns (no panic, no
+/// stack overflow), and what it returns is the right refusal class.
+#[cfg(test)]
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    /// Valid frames of every type the broker speaks, to mutate.
+    fn templates() -> Vec<Value> {
+        let key = "ab".repeat(32);
+        let sig = "cd".repeat(64);
+        vec![
+            json!({"type":"hello","meshId":"m","memberId":"x","pubkey":key,"timestamp":1,
+                   "signature":sig,"displayName":"d","groups":["a",{"name":"b","role":"r"}],
+                   "pid":1,"cwd":"/","sessionId":"s","role":"service","protocolVersion":1}),
+            json!({"type":"session_hello","meshId":"m","parentMemberId":"x","parentMemberPubkey":key,
+                   "sessionPubkey":key,"parentAttestation":{"sessionPubkey":key,
+                   "parentMemberPubkey":key,"expiresAt":2,"signature":sig},
+                   "timestamp":1,"signature":sig}),
+            json!({"type":"send","id":"s1","targetSpec":"*","priority":"now","nonce":"n",
+                   "ciphertext":"c","client_message_id":"k","request_fingerprint":"f",
+                   "replyToId":"r","mentions":["a"]}),
+            json!({"type":"client_ack","clientMessageId":"k","brokerMessageId":"b"}),
+            json!({"type":"nack","brokerMessageId":"b","delay":"5s"}),
+            json!({"type":"in_progress","brokerMessageId":"b"}),
+            json!({"type":"list_peers","_reqId":"q","roles":["session"]}),
+            json!({"type":"set_status","status":"idle"}),
+            json!({"type":"set_summary","summary":"s"}),
+            json!({"type":"set_visible","visible":false,"_reqId":"q"}),
+            json!({"type":"join_group","name":"g","role":"r"}),
+            json!({"type":"leave_group","name":"g"}),
+            json!({"type":"kick","target":"t","all":true,"stale":5,"_reqId":"q"}),
+            json!({"type":"disconnect","target":"t","_reqId":"q"}),
+            json!({"type":"ping"}),
+        ]
+    }
+
+    /// Any JSON value, wrong types, extreme numbers and long strings included.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<u64>().prop_map(|n| json!(n)),
+            any::<f64>()
+                .prop_filter("JSON numbers are finite", |f| f.is_finite())
+                .prop_map(|f| json!(f)),
+            Just(json!(1e308)),
+            Just(json!(-1e308)),
+            ".{0,40}".prop_map(Value::String),
+            (0usize..20_000).prop_map(|n| Value::String("x".repeat(n))),
+            "[0-9a-fA-Fg]{60,130}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(".{0,12}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        Remove(usize),
+        Replace(usize, Value),
+        Add(String, Value),
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            any::<usize>().prop_map(Mutation::Remove),
+            (any::<usize>(), any_json()).prop_map(|(i, v)| Mutation::Replace(i, v)),
+            (".{0,12}", any_json()).prop_map(|(k, v)| Mutation::Add(k, v)),
+        ]
+    }
+
+    fn apply(frame: &mut Value, m: &Mutation) {
+        let map = frame.as_object_mut().expect("templates are objects");
+        let keys: Vec<String> = map.keys().cloned().collect();
+        if keys.is_empty() {
+            if let Mutation::Replace(_, v) | Mutation::Add(_, v) = m {
+                map.insert("type".into(), v.clone());
+            }
+            return;
+        }
+        match m {
+            Mutation::Remove(i) => {
+                map.remove(&keys[i % keys.len()]);
+            }
+            Mutation::Replace(i, v) => {
+                map.insert(keys[i % keys.len()].clone(), v.clone());
+            }
+            Mutation::Add(k, v) => {
+                map.insert(k.clone(), v.clone());
+            }
+        }
+    }
+
+    /// What `decode` must say about `text`, from the contract alone.
+    fn expected_class(text: &str) -> &'static str {
+        match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(map)) => match map.get("type") {
+                Some(Value::String(_)) => "typed",
+                _ => "malformed",
+            },
+            _ => "malformed",
+        }
+    }
+
+    fn check(text: &str) -> Result<(), TestCaseError> {
+        let result = decode(text);
+        match expected_class(text) {
+            "malformed" => prop_assert!(
+                matches!(result, Err(DecodeError::Malformed(_))),
+                "{text:.200} decoded as {result:?}"
+            ),
+            _ => {
+                let v: Value = serde_json::from_str(text).expect("parsed above");
+                let ty = v["type"].as_str().expect("typed").to_owned();
+                let req_id = v.get("_reqId").and_then(Value::as_str).map(str::to_owned);
+                match result {
+                    Ok(r) => prop_assert_eq!(r.req_id, req_id),
+                    Err(DecodeError::Unsupported { ty: t, req_id: r }) => {
+                        prop_assert_eq!(t, ty);
+                        prop_assert_eq!(r, req_id);
+                    }
+                    Err(DecodeError::Invalid {
+                        ty: t,
+                        req_id: r,
+                        id,
+                        ..
+                    }) => {
+                        prop_assert_eq!(&t, &ty);
+                        prop_assert_eq!(r, req_id);
+                        // A refused send's ack echoes its id.
+                        let send_id = v.get("id").and_then(Value::as_str).map(str::to_owned);
+                        prop_assert_eq!(id, send_id);
+                    }
+                    Err(DecodeError::Malformed(m)) => {
+                        prop_assert!(false, "typed frame refused malformed: {m}")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_text_decodes_or_is_refused(text in ".{0,300}") {
+            check(&text)?;
+        }
+
+        #[test]
+        fn arbitrary_bytes_as_text_decode_or_are_refused(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+            check(&String::from_utf8_lossy(&bytes))?;
+        }
+
+        #[test]
+        fn arbitrary_json_decodes_or_is_refused(v in any_json()) {
+            check(&v.to_string())?;
+        }
+
+        #[test]
+        fn mutated_frames_decode_or_are_refused(
+            which in any::<usize>(),
+            mutations in prop::collection::vec(mutation(), 1..4),
+        ) {
+            let templates = templates();
+            let mut frame = templates[which % templates.len()].clone();
+            for m in &mutations {
+                apply(&mut frame, m);
+            }
+            check(&frame.to_string())?;
+        }
+
+        /// Bounds: every stored text field over its bound, or holding
+        /// U+0000, is named by the check; within bounds it passes.
+        #[test]
+        fn send_fields_over_bounds_are_named(
+            field in 0usize..6,
+            over in 1usize..5000,
+            nul in any::<bool>(),
+        ) {
+            let mut send: SendFrame = serde_json::from_value(json!({
+                "targetSpec":"*","nonce":"n","ciphertext":"c"})).unwrap();
+            prop_assert!(send.check_bounds().is_ok());
+            let (name, max) = [
+                ("targetSpec", bounds::TARGET_SPEC),
+                ("client_message_id", bounds::CLIENT_ID),
+                ("request_fingerprint", bounds::CLIENT_ID),
+                ("replyToId", bounds::CLIENT_ID),
+                ("mentions", bounds::MENTIONS),
+                ("ciphertext", usize::MAX),
+            ][field];
+            let text = if nul || max == usize::MAX { "a\u{0}b".to_owned() } else { "x".repeat(max + over) };
+            match name {
+                "targetSpec" => send.target_spec = text,
+                "client_message_id" => send.client_message_id = Some(text),
+                "request_fingerprint" => send.request_fingerprint = Some(text),
+                "replyToId" => send.reply_to_id = Some(text),
+                "mentions" => send.mentions = Some(json!([text])),
+                _ => send.ciphertext = text,
+            }
+            let err = send.check_bounds().expect_err("over the bound");
+            prop_assert!(err.starts_with(name), "{err}");
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_overflowing_the_stack() {
+        for depth in [129, 1_000, 100_000] {
+            let text = format!(
+                r#"{{"type":"send","targetSpec":"*","mentions":{}{}}}"#,
+                "[".repeat(depth),
+                "]".repeat(depth)
+            );
+            assert!(
+                matches!(decode(&text), Err(DecodeError::Malformed(_))),
+                "depth {depth}"
+            );
+        }
+        // Shallow nesting is data.
+        let text = r#"{"type":"send","targetSpec":"*","mentions":[[[["a"]]]]}"#;
+        assert!(decode(text).is_ok());
+    }
+
+    #[test]
+    fn huge_numbers_are_invalid_not_wrapped() {
+        for ts in ["1e30", "18446744073709551616", "1.5", "-1e400"] {
+            let text = format!(
+                r#"{{"type":"hello","meshId":"m","memberId":"x","pubkey":"p","timestamp":{ts},"signature":"s"}}"#
+            );
+            let r = decode(&text);
+            assert!(
+                matches!(
+                    r,
+                    Err(DecodeError::Invalid { .. }) | Err(DecodeError::Malformed(_))
+                ),
+                "timestamp {ts}: {r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn hello_info_over_bounds_or_with_nul_is_named() {
+        let fields = [
+            ("displayName", bounds::DISPLAY_NAME),
+            ("sessionId", bounds::SESSION_ID),
+            ("cwd", bounds::CWD),
+            ("hostname", bounds::SHORT_FIELD),
+            ("peerType", bounds::SHORT_FIELD),
+            ("channel", bounds::SHORT_FIELD),
+            ("model", bounds::SHORT_FIELD),
+        ];
+        for (name, max) in fields {
+            for (text, ok) in [
+                ("x".repeat(max), true),
+                ("x".repeat(max + 1), false),
+                ("a\u{0}".into(), false),
+            ] {
+                let info: ConnectionInfo = serde_json::from_value(json!({ name: text })).unwrap();
+                let r = info.check_bounds();
+                assert_eq!(r.is_ok(), ok, "{name} of {} bytes: {r:?}", text.len());
+                if let Err(e) = r {
+                    assert!(e.starts_with(name), "{e}");
+                }
+            }
+        }
+        let groups = |n: usize, name: &str, role: &str| -> Vec<Group> {
+            (0..n)
+                .map(|i| Group {
+                    name: format!("{name}{i}"),
+                    role: Some(role.to_owned()),
+                })
+                .collect()
+        };
+        assert!(check_groups(&groups(bounds::GROUPS, "g", "r")).is_ok());
+        assert!(check_groups(&groups(bounds::GROUPS + 1, "g", "r")).is_err());
+        assert!(check_groups(&groups(1, &"g".repeat(bounds::GROUP_NAME), "r")).is_err());
+        assert!(check_groups(&groups(1, "g\u{0}", "r")).is_err());
+        assert!(check_groups(&groups(1, "g", &"r".repeat(bounds::SHORT_FIELD + 1))).is_err());
+        // Hostile-looking names are data.
+        for name in [
+            "a%",
+            "a_c",
+            "'; DROP TABLE mesh.message; --",
+            r"a\b",
+            "é/ü",
+            "\"q\"",
+        ] {
+            assert!(check_group_name(name).is_ok(), "{name}");
+        }
+        assert!(check_group_name("").is_err());
     }
 }

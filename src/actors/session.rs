@@ -115,6 +115,19 @@ impl WsSession {
         Self::send_json(ctx, &ErrorFrame::new(code, message, req_id));
     }
 
+    /// Refuses one frame with an error frame (the connection stays open),
+    /// counted in `meshbroker_frames_rejected_total{reason=code}`.
+    fn reject(
+        metrics: &crate::metrics::Metrics,
+        ctx: &mut ws::WebsocketContext<Self>,
+        code: &'static str,
+        message: impl Into<String>,
+        req_id: Option<String>,
+    ) {
+        metrics.frame_rejected(code);
+        Self::error(ctx, code, message, req_id);
+    }
+
     fn close(ctx: &mut ws::WebsocketContext<Self>, code: u16, reason: &str) {
         ctx.close(Some(ws::CloseReason {
             code: ws::CloseCode::from(code),
@@ -133,9 +146,12 @@ impl WsSession {
     fn on_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
         let request = match protocol::decode(text) {
             Ok(r) => r,
-            Err(DecodeError::Malformed(m)) => return Self::error(ctx, "malformed", m, None),
+            Err(DecodeError::Malformed(m)) => {
+                return Self::reject(&self.shared.metrics, ctx, "malformed", m, None)
+            }
             Err(DecodeError::Unsupported { ty, req_id }) => {
-                return Self::error(
+                return Self::reject(
+                    &self.shared.metrics,
                     ctx,
                     "unsupported",
                     format!("unsupported frame type {ty:?}"),
@@ -149,7 +165,13 @@ impl WsSession {
                 message,
             }) => {
                 if self.ready.is_none() && !(ty == "hello" || ty == "session_hello") {
-                    return Self::error(ctx, "no_hello", "must send hello first", req_id);
+                    return Self::reject(
+                        &self.shared.metrics,
+                        ctx,
+                        "no_hello",
+                        "must send hello first",
+                        req_id,
+                    );
                 }
                 return match ty.as_str() {
                     "hello" | "session_hello" if self.ready.is_none() => {
@@ -162,7 +184,7 @@ impl WsSession {
                             &SendAck::refused(id.unwrap_or_default(), "invalid", &message),
                         )
                     }
-                    _ => Self::error(ctx, "invalid", message, req_id),
+                    _ => Self::reject(&self.shared.metrics, ctx, "invalid", message, req_id),
                 };
             }
         };
@@ -172,11 +194,21 @@ impl WsSession {
             (ClientFrame::SessionHello(h), false) => {
                 self.hello(handshake::HelloKind::Session(h), ctx)
             }
-            (ClientFrame::Hello(_) | ClientFrame::SessionHello(_), true) => {
-                Self::error(ctx, "invalid", "this connection already said hello", req_id)
-            }
+            (ClientFrame::Hello(_) | ClientFrame::SessionHello(_), true) => Self::reject(
+                &self.shared.metrics,
+                ctx,
+                "invalid",
+                "this connection already said hello",
+                req_id,
+            ),
             (ClientFrame::Ping, _) => ctx.text(r#"{"type":"pong"}"#),
-            (_, false) => Self::error(ctx, "no_hello", "must send hello first", req_id),
+            (_, false) => Self::reject(
+                &self.shared.metrics,
+                ctx,
+                "no_hello",
+                "must send hello first",
+                req_id,
+            ),
             (frame, true) => self.on_frame(frame, req_id, ctx),
         }
     }
@@ -305,20 +337,39 @@ impl WsSession {
             ClientFrame::Send(send) => self.send(*send, ctx),
             ClientFrame::ClientAck(a) => {
                 let broker_message_id = a.broker_message_id.as_deref().and_then(|s| s.parse().ok());
-                if broker_message_id.is_none() && a.client_message_id.is_none() {
+                // An id no send could have stored matches nothing; one with
+                // U+0000 would fail in the database and log a warning each
+                // time, so it is dropped here.
+                let client_message_id = a.client_message_id.filter(|c| {
+                    protocol::check_text("clientMessageId", c, bounds::CLIENT_ID).is_ok()
+                });
+                if broker_message_id.is_none() && client_message_id.is_none() {
                     return;
                 }
                 ready.drain.do_send(drain::Ack {
                     presence_id: ready.presence_id,
                     broker_message_id,
-                    client_message_id: a.client_message_id,
+                    client_message_id,
                 });
             }
             ClientFrame::Nack(n) => {
                 let delay = match n.delay.as_deref().map(str::parse::<crate::config::Dur>) {
                     None => Duration::ZERO,
-                    Some(Ok(d)) => d.get(),
-                    Some(Err(e)) => return Self::error(ctx, "invalid", e, req_id),
+                    Some(Ok(d)) if d <= self.shared.config.delivery.message_ttl => d.get(),
+                    // Longer than the message lives: it could never be
+                    // pushed again, and the database cannot hold the time.
+                    Some(Ok(d)) => {
+                        return Self::reject(
+                            &self.shared.metrics,
+                            ctx,
+                            "invalid",
+                            format!("delay {d} is longer than delivery.message_ttl"),
+                            req_id,
+                        )
+                    }
+                    Some(Err(e)) => {
+                        return Self::reject(&self.shared.metrics, ctx, "invalid", e, req_id)
+                    }
                 };
                 if let Ok(message_id) = n.broker_message_id.parse() {
                     ready.drain.do_send(drain::Settle::Nack {
@@ -339,7 +390,8 @@ impl WsSession {
             ClientFrame::ListPeers(l) => self.list_peers(l.roles, req_id, ctx),
             ClientFrame::SetStatus { status } => {
                 if !matches!(status.as_str(), "idle" | "working" | "dnd") {
-                    return Self::error(
+                    return Self::reject(
+                        &self.shared.metrics,
                         ctx,
                         "invalid",
                         "status must be idle, working or dnd",
@@ -357,16 +409,11 @@ impl WsSession {
                 );
             }
             ClientFrame::SetSummary { summary } => {
-                if summary
+                if let Some(Err(e)) = summary
                     .as_deref()
-                    .is_some_and(|s| s.len() > bounds::SUMMARY)
+                    .map(|s| protocol::check_text("summary", s, bounds::SUMMARY))
                 {
-                    return Self::error(
-                        ctx,
-                        "invalid",
-                        format!("summary is longer than {} bytes", bounds::SUMMARY),
-                        req_id,
-                    );
+                    return Self::reject(&self.shared.metrics, ctx, "invalid", e, req_id);
                 }
                 let presence_id = ready.presence_id;
                 self.write_presence(
@@ -404,13 +451,13 @@ impl WsSession {
             }
             ClientFrame::JoinGroup(group) => {
                 if let Err(e) = protocol::check_group_name(&group.name) {
-                    return Self::error(ctx, "invalid", e, req_id);
+                    return Self::reject(&self.shared.metrics, ctx, "invalid", e, req_id);
                 }
                 ready.groups.retain(|g| g.name != group.name);
                 ready.groups.push(group);
                 if let Err(e) = protocol::check_groups(&ready.groups) {
                     ready.groups.pop();
-                    return Self::error(ctx, "invalid", e, req_id);
+                    return Self::reject(&self.shared.metrics, ctx, "invalid", e, req_id);
                 }
                 self.save_groups(ctx);
             }
@@ -541,7 +588,8 @@ impl WsSession {
     ) {
         let ready = self.ready.as_ref().expect("after hello");
         if !ready.member.admin {
-            return Self::error(
+            return Self::reject(
+                &self.shared.metrics,
                 ctx,
                 "forbidden",
                 "kick and disconnect need an admin member",
@@ -555,7 +603,13 @@ impl WsSession {
         } else if let Some(t) = k.target.filter(|t| !t.is_empty()) {
             KickSelector::Target(t)
         } else {
-            return Self::error(ctx, "invalid", "give target, all or stale", req_id);
+            return Self::reject(
+                &self.shared.metrics,
+                ctx,
+                "invalid",
+                "give target, all or stale",
+                req_id,
+            );
         };
         let msg = registry::Kick {
             mesh_id: ready.mesh_id,
@@ -648,19 +702,8 @@ impl WsSession {
                 );
             }
         }
-        for (name, v) in [
-            ("client_message_id", &send.client_message_id),
-            ("request_fingerprint", &send.request_fingerprint),
-            ("replyToId", &send.reply_to_id),
-        ] {
-            if v.as_deref().is_some_and(|v| v.len() > bounds::CLIENT_ID) {
-                return refuse(
-                    ctx,
-                    metrics,
-                    "invalid",
-                    &format!("{name} is longer than {} bytes", bounds::CLIENT_ID),
-                );
-            }
+        if let Err(e) = send.check_bounds() {
+            return refuse(ctx, metrics, "invalid", &e);
         }
         let cfg = self.shared.config.clone();
         let msg = NewMessage {
@@ -866,6 +909,18 @@ impl Actor for WsSession {
             }
             ctx.ping(b"");
         });
+        // Pings answer keepalive, not identity: a socket that never says
+        // hello (or whose hello is still being verified, which `ctx.wait`
+        // finishes first) is closed, so unauthenticated connections cannot
+        // pile up.
+        ctx.run_later(self.shared.config.limits.hello_timeout.get(), |act, ctx| {
+            if act.ready.is_none() && act.pending_presence.is_none() {
+                act.refuse(
+                    ctx,
+                    handshake::Refusal::new("hello_timeout", "no hello in time"),
+                );
+            }
+        });
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
@@ -887,9 +942,13 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
         self.shared.metrics.actor_message(ActorKind::Session);
         let msg = match item {
             Ok(m) => m,
-            Err(ws::ProtocolError::Overflow) => return Self::close(ctx, 1009, "frame too large"),
+            Err(ws::ProtocolError::Overflow) => {
+                self.shared.metrics.frame_rejected("frame_too_large");
+                return Self::close(ctx, 1009, "frame too large");
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "websocket protocol error");
+                self.shared.metrics.frame_rejected("protocol_error");
                 return Self::close(ctx, 1002, "protocol error");
             }
         };
@@ -898,13 +957,15 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
             ws::Message::Text(text) => self.on_text(&text, ctx),
             ws::Message::Ping(p) => ctx.pong(&p),
             ws::Message::Pong(_) => {}
-            ws::Message::Binary(_) => Self::error(
+            ws::Message::Binary(_) => Self::reject(
+                &self.shared.metrics,
                 ctx,
                 "malformed",
                 "binary frames are not supported; send JSON text frames",
                 None,
             ),
-            ws::Message::Continuation(_) => Self::error(
+            ws::Message::Continuation(_) => Self::reject(
+                &self.shared.metrics,
                 ctx,
                 "malformed",
                 "fragmented frames are not supported",

@@ -813,6 +813,46 @@ mod tests {
         };
         query(url.clone()).unwrap();
 
+        // Nothing but the Unix socket in PGDATA, and PGDATA private.
+        let settings = rt
+            .block_on(async {
+                use diesel_async::{AsyncConnection, AsyncPgConnection};
+                #[derive(diesel::QueryableByName)]
+                struct Settings {
+                    #[diesel(sql_type = diesel::sql_types::Text)]
+                    listen: String,
+                    #[diesel(sql_type = diesel::sql_types::Text)]
+                    sockets: String,
+                    #[diesel(sql_type = diesel::sql_types::Bool)]
+                    over_tcp: bool,
+                }
+                let mut conn = AsyncPgConnection::establish(&url).await?;
+                let s: Settings = diesel::sql_query(
+                    "SELECT current_setting('listen_addresses') AS listen,
+                            current_setting('unix_socket_directories') AS sockets,
+                            inet_server_addr() IS NOT NULL AS over_tcp",
+                )
+                .get_result(&mut conn)
+                .await?;
+                anyhow::Ok(s)
+            })
+            .unwrap();
+        assert_eq!(
+            settings.listen, "",
+            "listen_addresses must be empty: no TCP port"
+        );
+        assert!(
+            !settings.over_tcp,
+            "the broker's connection must use the socket"
+        );
+        assert_eq!(
+            Path::new(&settings.sockets),
+            first.data_dir(),
+            "the socket lives in PGDATA"
+        );
+        let mode = fs::metadata(first.data_dir()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "PGDATA mode {mode:o}");
+
         // Same process, so its starter (us) is "alive": adopted, not owned.
         let mut second = EmbeddedPostgres::start(&dir, &fast).unwrap();
         assert!(!second.owned);
