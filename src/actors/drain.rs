@@ -15,7 +15,7 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::session::{Outbound, WsSession};
+use super::session::{Backlog, Outbound, WsSession};
 use super::Shared;
 use crate::db::queries::{self, ClaimSpec, Claimed};
 use crate::ids::Role;
@@ -31,6 +31,8 @@ struct Conn {
     key: String,
     role: Role,
     has_session_pubkey: bool,
+    /// Pushes go through it: it cuts off a client that stopped reading.
+    backlog: Arc<Backlog>,
     /// Order of arrival, to prefer the oldest among equals.
     seq: u64,
     /// Unacked pushes on this connection: delivery id → lease expiry.
@@ -215,7 +217,10 @@ impl Drain {
             conn.in_flight.insert(row.id, row.claim_expires_at);
             frames.push(serde_json::to_string(&push_frame(row)).expect("push serializes"));
         }
-        conn.addr.do_send(Outbound::deliveries(frames));
+        // Dropped frames are not lost: the connection is being cut off,
+        // and its stop releases these claims.
+        conn.backlog
+            .offer(&conn.addr, Outbound::deliveries(frames), metrics);
     }
 
     /// Releases a closed connection's claims; then drains again, or stops
@@ -303,6 +308,7 @@ pub struct AddConn {
     pub key: String,
     pub role: Role,
     pub has_session_pubkey: bool,
+    pub backlog: Arc<Backlog>,
 }
 
 impl Handler<AddConn> for Drain {
@@ -317,6 +323,7 @@ impl Handler<AddConn> for Drain {
                 key: msg.key,
                 role: msg.role,
                 has_session_pubkey: msg.has_session_pubkey,
+                backlog: msg.backlog,
                 seq: self.next_seq,
                 in_flight: HashMap::new(),
             },
