@@ -103,13 +103,16 @@ impl Drain {
     /// What each connection may claim now.
     fn plan(&mut self) -> Vec<(Uuid, String, bool, i64)> {
         let cfg = &self.shared.config.delivery;
+        // A connection cut off as a slow consumer takes nothing more, even
+        // while its session has not stopped yet.
         let member_wide = self
             .conns
             .iter()
+            .filter(|(_, c)| !c.backlog.is_cut())
             .min_by_key(|(_, c)| c.rank())
             .map(|(id, _)| *id);
         let mut best_for_key: HashMap<&str, (Uuid, (u8, u64))> = HashMap::new();
-        for (id, c) in &self.conns {
+        for (id, c) in self.conns.iter().filter(|(_, c)| !c.backlog.is_cut()) {
             let rank = c.key_rank();
             let e = best_for_key.entry(c.key.as_str()).or_insert((*id, rank));
             if rank < e.1 {

@@ -155,6 +155,11 @@ impl Backlog {
         true
     }
 
+    /// Cut off: nothing more is handed to this connection.
+    pub fn is_cut(&self) -> bool {
+        self.cut.load(SeqCst)
+    }
+
     /// The HTTP layer took everything the session had written so far
     /// (the WebSocket context hands over all its frames at once).
     pub fn taken(&self) {

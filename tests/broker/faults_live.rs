@@ -649,3 +649,42 @@ async fn revoking_a_connected_member_closes_it_and_keeps_its_queue() {
     );
     assert!(r.lost.is_empty(), "{TEST}: lost {:?}", r.lost);
 }
+
+/// Between a revoke and the sweeper pass that closes its connections, the
+/// revoked member is pushed nothing new: the claim takes nothing for it.
+/// (In-process, with a sweeper that never runs, to hold that window open.)
+#[actix_web::test]
+async fn a_revoked_member_is_pushed_nothing_before_its_connections_close() {
+    let env =
+        TestEnv::start_with(|c| c.sweeper.interval = meshbroker::config::Dur::secs(3600)).await;
+    let alice = env.member("alice").await;
+    let bob = env.member("bob").await;
+    let mut ac = env.connect(&alice).await;
+    let mut bc = env.connect(&bob).await;
+    let before = ac
+        .send_message(&bob.pubkey(), "before", "now", None)
+        .await
+        .must();
+    let push = bc.expect("push", WAIT).await.must();
+    assert_eq!(push["messageId"], before["messageId"]);
+    bc.ack(&push).await.must();
+
+    env.revoke(&bob).await;
+    let after = ac
+        .send_message(&bob.pubkey(), "after", "now", None)
+        .await
+        .must();
+    assert_eq!(after["queued"], true, "{after}");
+    assert_no_push(&mut bc, "bob, revoked but not yet closed").await;
+    let rows = env
+        .rows(&format!(
+            "SELECT claim_id, attempts, delivered_at FROM mesh.message_queue
+              WHERE message_id = '{}'::uuid",
+            after["messageId"].as_str().unwrap()
+        ))
+        .await;
+    assert!(
+        rows[0]["claim_id"].is_null() && rows[0]["attempts"] == 0,
+        "never claimed: {rows:?}"
+    );
+}
