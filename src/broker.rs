@@ -14,6 +14,7 @@ use actix_web::{web, App, HttpServer};
 
 use crate::actors::janitor::Janitor;
 use crate::actors::registry::{self, Registry};
+use crate::actors::session::SocketHandle;
 use crate::actors::sweeper::Sweeper;
 use crate::actors::{RateLimiter, Shared};
 use crate::config::Config;
@@ -67,6 +68,16 @@ pub async fn start(
     let state = web::Data::new(AppState::new(shared.clone(), registry.clone()));
     let server =
         HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
+            // Each connection keeps a handle on its socket, so a WebSocket
+            // whose client stopped reading can be cut off (`Backlog`).
+            .on_connect(|conn, data| {
+                if let Some(handle) = conn
+                    .downcast_ref::<actix_web::rt::net::TcpStream>()
+                    .and_then(SocketHandle::of)
+                {
+                    data.insert(handle);
+                }
+            })
             .listen(listener)?
             .disable_signals()
             .shutdown_timeout(2)

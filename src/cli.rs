@@ -302,9 +302,27 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Bind first: a taken port should fail before a cluster is started.
     let listener = bind(config.server.listen)?;
     let shutdown = shutdown_signal()?;
+    // Installed before anything slow: SIGUSR1's default action is to kill.
+    let mut drill =
+        signal(SignalKind::user_defined1()).context("cannot install SIGUSR1 handler")?;
     let (pool, mut embedded) = embedded::open(&config).await?;
     tracing::info!(listen = %config.server.listen, "meshbroker listening");
-    let result = crate::broker::run(Arc::new(config), pool, listener, shutdown).await;
+    let result = async {
+        let broker = crate::broker::start(Arc::new(config), pool, listener).await?;
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(()) = drill.recv() => {
+                    tracing::warn!("SIGUSR1: fault drill, the next sweeper pass fails");
+                    broker.inject_sweeper_failure();
+                }
+            }
+        }
+        broker.shutdown().await;
+        anyhow::Ok(())
+    }
+    .await;
     if let Some(pg) = embedded.as_mut() {
         pg.stop();
     }

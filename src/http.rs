@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::actors::registry::{self, Registry};
-use crate::actors::session::WsSession;
+use crate::actors::session::{backlog_limit, Backlog, SocketHandle, WsSession};
 use crate::actors::{RateLimiter, Shared};
 use crate::db::{self, queries};
 use crate::metrics::PoolState;
@@ -53,10 +53,48 @@ async fn websocket(
     stream: web::Payload,
     state: web::Data<AppState>,
 ) -> actix_web::Result<HttpResponse> {
-    let session = WsSession::new(state.shared.clone(), state.registry.clone());
-    ws::WsResponseBuilder::new(session, &req, stream)
-        .frame_size(state.shared.config.limits.max_frame_bytes)
-        .start()
+    let config = &state.shared.config;
+    let backlog = Arc::new(Backlog::new(
+        backlog_limit(config),
+        req.conn_data::<SocketHandle>(),
+    ));
+    let session = WsSession::new(
+        state.shared.clone(),
+        state.registry.clone(),
+        backlog.clone(),
+    );
+    let mut response = ws::handshake(&req)?;
+    let codec = actix_http::ws::Codec::new().max_size(config.limits.max_frame_bytes);
+    let output = ws::WebsocketContext::with_codec(session, stream, codec);
+    Ok(response.streaming(Taken {
+        output: Box::pin(output),
+        backlog,
+    }))
+}
+
+/// A session's output as the HTTP layer takes it: each chunk is all the
+/// session wrote so far, which tells its [`Backlog`] what has left.
+struct Taken<S> {
+    output: std::pin::Pin<Box<S>>,
+    backlog: Arc<Backlog>,
+}
+
+impl<S> futures_util::Stream for Taken<S>
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, actix_web::Error>>,
+{
+    type Item = S::Item;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<S::Item>> {
+        let next = self.output.as_mut().poll_next(cx);
+        if let std::task::Poll::Ready(Some(Ok(_))) = &next {
+            self.backlog.taken();
+        }
+        next
+    }
 }
 
 async fn health(state: web::Data<AppState>) -> HttpResponse {

@@ -134,6 +134,8 @@ pub struct Metrics {
     pub leases_expired: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub sweeper_runs: AtomicU64,
+    /// Connections cut off because their client stopped reading.
+    pub slow_consumers: AtomicU64,
     delivery_seconds: Histogram,
     push_seconds: Histogram,
     actors: [AtomicI64; 5],
@@ -204,6 +206,7 @@ impl Metrics {
             leases_expired: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             sweeper_runs: AtomicU64::new(0),
+            slow_consumers: AtomicU64::new(0),
             delivery_seconds: Histogram::new(),
             push_seconds: Histogram::new(),
             actors: Default::default(),
@@ -321,7 +324,7 @@ impl Metrics {
             "Frames refused other than hellos and sends, by reason (the error code; frame_too_large closed 1009, protocol_error closed 1002).",
             &self.frames_rejected.snapshot(),
         );
-        let counters: [(&str, &str, &AtomicU64); 7] = [
+        let counters: [(&str, &str, &AtomicU64); 8] = [
             (
                 "meshbroker_deliveries_claimed_total",
                 "Deliveries claimed with a lease.",
@@ -356,6 +359,11 @@ impl Metrics {
                 "meshbroker_sweeper_runs_total",
                 "Completed sweeper passes.",
                 &self.sweeper_runs,
+            ),
+            (
+                "meshbroker_slow_consumers_closed_total",
+                "Connections closed because their client stopped reading (outbound backlog over its bound).",
+                &self.slow_consumers,
             ),
         ];
         for (name, help, c) in counters {

@@ -15,7 +15,7 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::session::{Outbound, WsSession};
+use super::session::{Backlog, Outbound, WsSession};
 use super::Shared;
 use crate::db::queries::{self, ClaimSpec, Claimed};
 use crate::ids::Role;
@@ -31,6 +31,8 @@ struct Conn {
     key: String,
     role: Role,
     has_session_pubkey: bool,
+    /// Pushes go through it: it cuts off a client that stopped reading.
+    backlog: Arc<Backlog>,
     /// Order of arrival, to prefer the oldest among equals.
     seq: u64,
     /// Unacked pushes on this connection: delivery id → lease expiry.
@@ -101,13 +103,16 @@ impl Drain {
     /// What each connection may claim now.
     fn plan(&mut self) -> Vec<(Uuid, String, bool, i64)> {
         let cfg = &self.shared.config.delivery;
+        // A connection cut off as a slow consumer takes nothing more, even
+        // while its session has not stopped yet.
         let member_wide = self
             .conns
             .iter()
+            .filter(|(_, c)| !c.backlog.is_cut())
             .min_by_key(|(_, c)| c.rank())
             .map(|(id, _)| *id);
         let mut best_for_key: HashMap<&str, (Uuid, (u8, u64))> = HashMap::new();
-        for (id, c) in &self.conns {
+        for (id, c) in self.conns.iter().filter(|(_, c)| !c.backlog.is_cut()) {
             let rank = c.key_rank();
             let e = best_for_key.entry(c.key.as_str()).or_insert((*id, rank));
             if rank < e.1 {
@@ -215,7 +220,10 @@ impl Drain {
             conn.in_flight.insert(row.id, row.claim_expires_at);
             frames.push(serde_json::to_string(&push_frame(row)).expect("push serializes"));
         }
-        conn.addr.do_send(Outbound::deliveries(frames));
+        // Dropped frames are not lost: the connection is being cut off,
+        // and its stop releases these claims.
+        conn.backlog
+            .offer(&conn.addr, Outbound::deliveries(frames), metrics);
     }
 
     /// Releases a closed connection's claims; then drains again, or stops
@@ -303,6 +311,7 @@ pub struct AddConn {
     pub key: String,
     pub role: Role,
     pub has_session_pubkey: bool,
+    pub backlog: Arc<Backlog>,
 }
 
 impl Handler<AddConn> for Drain {
@@ -317,6 +326,7 @@ impl Handler<AddConn> for Drain {
                 key: msg.key,
                 role: msg.role,
                 has_session_pubkey: msg.has_session_pubkey,
+                backlog: msg.backlog,
                 seq: self.next_seq,
                 in_flight: HashMap::new(),
             },

@@ -16,7 +16,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::drain::{self, Drain};
-use super::session::{CloseConn, Outbound, WsSession};
+use super::session::{Backlog, CloseConn, Outbound, WsSession};
 use super::Shared;
 use crate::db::queries;
 use crate::ids::Role;
@@ -41,6 +41,8 @@ pub struct ConnEntry {
     pub addr: Addr<WsSession>,
     /// Unix millis of the last frame or pong, written by the session.
     pub last_seen: Arc<AtomicI64>,
+    /// What the connection has not yet taken; every push goes through it.
+    pub backlog: Arc<Backlog>,
 }
 
 impl ConnEntry {
@@ -58,6 +60,9 @@ pub struct Registry {
     /// Connections replaced by a newer hello: they close without a grace
     /// window (the replacement took their place).
     replaced: std::collections::HashSet<Uuid>,
+    /// Connections closed because their member was revoked: they close
+    /// without a grace window (no hello of theirs can take it over).
+    revoked: std::collections::HashSet<Uuid>,
     drains: HashMap<Uuid, Addr<Drain>>,
     shutting_down: bool,
 }
@@ -68,6 +73,7 @@ impl Registry {
             shared,
             conns: HashMap::new(),
             replaced: Default::default(),
+            revoked: Default::default(),
             drains: HashMap::new(),
             shutting_down: false,
         }
@@ -113,7 +119,11 @@ impl Registry {
     fn broadcast_system(&self, mesh_id: Uuid, except_member: Uuid, text: &str) {
         for c in self.conns.values() {
             if c.mesh_id == mesh_id && c.member_id != except_member {
-                c.addr.do_send(Outbound::system(text.to_owned()));
+                c.backlog.offer(
+                    &c.addr,
+                    Outbound::system(text.to_owned()),
+                    &self.shared.metrics,
+                );
             }
         }
     }
@@ -202,6 +212,7 @@ impl Handler<Connect> for Registry {
             key: entry.key.clone(),
             role: entry.role,
             has_session_pubkey: entry.session_pubkey.is_some(),
+            backlog: entry.backlog.clone(),
         });
         if !msg.silent && replaced.is_empty() && entry.visible {
             self.announce(&entry, "peer_joined");
@@ -227,6 +238,7 @@ impl Handler<Disconnect> for Registry {
             return;
         };
         let replaced = self.replaced.remove(&msg.presence_id);
+        let revoked = self.revoked.remove(&msg.presence_id);
         let last = !self.conns.values().any(|c| c.member_id == entry.member_id);
         if let Some(drain) = self.drains.get(&entry.member_id) {
             drain.do_send(drain::RemoveConn {
@@ -241,8 +253,8 @@ impl Handler<Disconnect> for Registry {
             return;
         }
         let grace = self.shared.config.presence.grace.get();
-        let with_grace = !replaced && !grace.is_zero();
-        if !replaced && grace.is_zero() && entry.visible {
+        let with_grace = !replaced && !revoked && !grace.is_zero();
+        if !replaced && !with_grace && entry.visible {
             self.announce(&entry, "peer_left");
         }
         let pool = self.shared.pool.clone();
@@ -300,6 +312,48 @@ impl Handler<Reclaimed> for Registry {
             if let Some(drain) = self.drains.get(&member) {
                 drain.do_send(drain::Reclaimed(ids));
             }
+        }
+    }
+}
+
+/// The members with a live connection on this broker (the sweeper checks
+/// them for revocation).
+#[derive(Message)]
+#[rtype(result = "Vec<Uuid>")]
+pub struct LiveMembers;
+
+impl Handler<LiveMembers> for Registry {
+    type Result = MessageResult<LiveMembers>;
+
+    fn handle(&mut self, _: LiveMembers, _: &mut Self::Context) -> Self::Result {
+        self.count();
+        let members: std::collections::HashSet<Uuid> =
+            self.conns.values().map(|c| c.member_id).collect();
+        MessageResult(members.into_iter().collect())
+    }
+}
+
+/// These members were revoked: close every connection they have here with
+/// 4002. Their deliveries stay queued (no claim is made for a revoked
+/// member) until they expire.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Revoked(pub Vec<Uuid>);
+
+impl Handler<Revoked> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Revoked, _: &mut Self::Context) {
+        self.count();
+        for c in self.conns.values() {
+            if !msg.0.contains(&c.member_id) || !self.revoked.insert(c.presence_id) {
+                continue;
+            }
+            tracing::info!(member = %c.member_id, presence = %c.presence_id, "member revoked: closing its connection");
+            c.addr.do_send(CloseConn {
+                code: 4002,
+                reason: "revoked".into(),
+            });
         }
     }
 }

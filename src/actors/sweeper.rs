@@ -1,7 +1,8 @@
 //! The sweeper: on a timer, makes expired leases claimable again (and tells
 //! the drains), dead-letters deliveries past `max_attempts`, ends presence
-//! grace windows (`peer_left`), reaps presence rows of dead brokers, and
-//! forgets old hello signatures and idempotency keys.
+//! grace windows (`peer_left`), closes the live connections of members
+//! revoked since their hello (4002), reaps presence rows of dead brokers,
+//! and forgets old hello signatures and idempotency keys.
 //!
 //! It runs under `actix::Supervisor`: a pass that fails (the database went
 //! away, or an injected fault) stops it, and the supervisor restarts it.
@@ -44,11 +45,17 @@ impl Sweeper {
         }
         self.running = true;
         let shared = self.shared.clone();
+        let registry = self.registry.clone();
         let fail = self.fail_next.swap(false, Ordering::SeqCst);
         let fut = async move {
             if fail {
                 return Err("injected sweeper failure".to_owned());
             }
+            // Asked first: no pooled connection is held across it.
+            let live = registry
+                .send(registry::LiveMembers)
+                .await
+                .map_err(|e| e.to_string())?;
             let cfg = &shared.config;
             let mut conn = shared.pool.get().await.map_err(|e| e.to_string())?;
             let e = |e: diesel::result::Error| e.to_string();
@@ -70,12 +77,15 @@ impl Sweeper {
             queries::close_dedupe_windows(&mut conn, cfg.delivery.dedupe_window.get(), BATCH)
                 .await
                 .map_err(e)?;
-            Ok((dead, expired, grace))
+            let revoked = queries::revoked_among(&mut conn, &live, BATCH)
+                .await
+                .map_err(e)?;
+            Ok((dead, expired, grace, revoked))
         };
         ctx.spawn(fut.into_actor(self).map(|result, act, ctx| {
             act.running = false;
             match result {
-                Ok((dead, expired, grace)) => {
+                Ok((dead, expired, grace, revoked)) => {
                     let m = &act.shared.metrics;
                     Metrics::add(&m.sweeper_runs, 1);
                     Metrics::add(&m.leases_expired, expired.len() as u64);
@@ -92,6 +102,9 @@ impl Sweeper {
                     }
                     if !grace.is_empty() {
                         act.registry.do_send(registry::GraceEnded(grace));
+                    }
+                    if !revoked.is_empty() {
+                        act.registry.do_send(registry::Revoked(revoked));
                     }
                 }
                 Err(e) => {

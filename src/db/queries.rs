@@ -496,6 +496,7 @@ pub async fn claim(conn: &mut Conn, spec: &ClaimSpec<'_>) -> QueryResult<Vec<Cla
               AND q.not_before <= now()
               AND q.expires_at > now()
               AND q.attempts < $8
+              AND NOT EXISTS (SELECT 1 FROM mesh.member r WHERE r.id = $1 AND r.revoked_at IS NOT NULL)
               AND ((q.recipient_key IS NULL AND $4) OR q.recipient_key = $3)
               AND (q.priority = 'now' OR EXISTS (
                     SELECT 1 FROM mesh.presence p WHERE p.id = $2 AND p.status = 'idle'))
@@ -809,6 +810,26 @@ pub async fn close_dedupe_windows(
     .bind::<Int8, _>(batch)
     .execute(conn)
     .await
+}
+
+/// Which of `members` (this broker's members with live connections) have
+/// been revoked since they said hello. A primary-key lookup per id, so the
+/// sweeper can ask every pass; bounded by `batch`.
+pub async fn revoked_among(
+    conn: &mut Conn,
+    members: &[Uuid],
+    batch: i64,
+) -> QueryResult<Vec<Uuid>> {
+    if members.is_empty() {
+        return Ok(Vec::new());
+    }
+    member::table
+        .filter(member::id.eq_any(members))
+        .filter(member::revoked_at.is_not_null())
+        .select(member::id)
+        .limit(batch)
+        .load(conn)
+        .await
 }
 
 /// Queue depth by state, for `/metrics`.
