@@ -12,9 +12,9 @@ use actix::{Actor, Addr, Supervisor};
 use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpServer};
 
+use crate::actors::backlog::SocketHandle;
 use crate::actors::janitor::Janitor;
 use crate::actors::registry::{self, Registry};
-use crate::actors::session::SocketHandle;
 use crate::actors::sweeper::Sweeper;
 use crate::actors::{RateLimiter, Shared};
 use crate::config::Config;

@@ -10,8 +10,9 @@ use actix_web_actors::ws;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::actors::backlog::{backlog_limit, Backlog, SocketHandle};
 use crate::actors::registry::{self, Registry};
-use crate::actors::session::{backlog_limit, Backlog, SocketHandle, WsSession};
+use crate::actors::session::WsSession;
 use crate::actors::{RateLimiter, Shared};
 use crate::db::{self, queries};
 use crate::metrics::PoolState;

@@ -15,7 +15,8 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::session::{Backlog, Outbound, WsSession};
+use super::backlog::Backlog;
+use super::session::{Outbound, WsSession};
 use super::Shared;
 use crate::db::queries::{self, ClaimSpec, Claimed};
 use crate::ids::Role;

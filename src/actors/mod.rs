@@ -6,6 +6,7 @@
 //! - [`sweeper::Sweeper`]: supervised; leases, dead letters, grace windows.
 //! - [`janitor::Janitor`]: supervised; retention and expiry deletes, wakes drains.
 
+pub mod backlog;
 pub mod drain;
 pub mod janitor;
 pub mod registry;

@@ -15,8 +15,9 @@ use actix::prelude::*;
 use serde_json::json;
 use uuid::Uuid;
 
+use super::backlog::Backlog;
 use super::drain::{self, Drain};
-use super::session::{Backlog, CloseConn, Outbound, WsSession};
+use super::session::{CloseConn, Outbound, WsSession};
 use super::Shared;
 use crate::db::queries;
 use crate::ids::Role;
