@@ -806,6 +806,13 @@ impl WsSession {
                         ),
                     );
                 }
+                Ok((SendOutcome::SenderRevoked, _)) => {
+                    metrics.message_rejected("forbidden");
+                    Self::send_json(
+                        ctx,
+                        &SendAck::refused(id, "forbidden", "this member was revoked"),
+                    );
+                }
                 Err((code, text)) => {
                     metrics.message_rejected(code);
                     Self::send_json(ctx, &SendAck::refused(id, code, &text));

@@ -335,9 +335,18 @@ pub struct Recipient {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendOutcome {
-    Stored { message_id: Uuid, recipients: u32 },
-    Duplicate { message_id: Uuid, recipients: u32 },
+    Stored {
+        message_id: Uuid,
+        recipients: u32,
+    },
+    Duplicate {
+        message_id: Uuid,
+        recipients: u32,
+    },
     KeyReused,
+    /// The sender was revoked after its hello (its connections are closed
+    /// by the next sweeper pass); nothing was stored.
+    SenderRevoked,
 }
 
 /// Stores a message and one delivery per recipient, in one transaction,
@@ -350,6 +359,14 @@ pub async fn store_message(
 ) -> QueryResult<SendOutcome> {
     conn.transaction::<_, diesel::result::Error, _>(async move |conn| {
         {
+            let revoked_at: Option<DateTime<Utc>> = member::table
+                .find(msg.sender_member_id)
+                .select(member::revoked_at)
+                .first(conn)
+                .await?;
+            if revoked_at.is_some() {
+                return Ok(SendOutcome::SenderRevoked);
+            }
             if let Some(key) = &msg.dedupe_key {
                 // A key whose window has closed is free again.
                 let cutoff =

@@ -654,7 +654,7 @@ async fn revoking_a_connected_member_closes_it_and_keeps_its_queue() {
 /// revoked member is pushed nothing new: the claim takes nothing for it.
 /// (In-process, with a sweeper that never runs, to hold that window open.)
 #[actix_web::test]
-async fn a_revoked_member_is_pushed_nothing_before_its_connections_close() {
+async fn a_revoked_member_is_pushed_nothing_and_sends_nothing_before_its_connections_close() {
     let env =
         TestEnv::start_with(|c| c.sweeper.interval = meshbroker::config::Dur::secs(3600)).await;
     let alice = env.member("alice").await;
@@ -687,4 +687,23 @@ async fn a_revoked_member_is_pushed_nothing_before_its_connections_close() {
         rows[0]["claim_id"].is_null() && rows[0]["attempts"] == 0,
         "never claimed: {rows:?}"
     );
+    // Nor can it send from the connection still open: refused, not stored.
+    let sent = bc
+        .send_message(&alice.pubkey(), "from a revoked member", "now", None)
+        .await
+        .must();
+    assert_refused(&sent, "forbidden");
+    let stored = env
+        .rows(&format!(
+            "SELECT id FROM mesh.message WHERE sender_member_id = '{}'::uuid",
+            bob.id
+        ))
+        .await;
+    assert!(stored.is_empty(), "nothing stored: {stored:?}");
+    env.wait_metric(
+        "meshbroker_messages_rejected_total",
+        &[("reason", "forbidden")],
+        |v| v == 1.0,
+    )
+    .await;
 }
