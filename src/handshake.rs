@@ -1,7 +1,8 @@
 //! Hello verification, in the order `protocol.md` §2 gives: first the checks
 //! that need nothing but the frame and the clock ([`verify_offline`]), then
 //! those that need the database ([`verify_online`]: replay, member,
-//! revocation, member id, capacity).
+//! revocation, member id; the mesh's connection cap is checked where the
+//! presence row is inserted, `queries::open_presence`).
 
 use crate::config::Config;
 use crate::crypto;
@@ -190,12 +191,9 @@ pub fn verify_offline(kind: &HelloKind, now_ms: i64, config: &Config) -> Result<
     Ok(claims)
 }
 
-/// The database checks: replay, member, revocation, member id, capacity.
-pub async fn verify_online(
-    conn: &mut PgConn,
-    claims: &Claims,
-    config: &Config,
-) -> Result<MemberRow, Refusal> {
+/// The database checks: replay, member, revocation, member id. (Capacity
+/// is checked where the presence row is inserted: `queries::open_presence`.)
+pub async fn verify_online(conn: &mut PgConn, claims: &Claims) -> Result<MemberRow, Refusal> {
     let unavailable = |_| Refusal::new("unavailable", "database unavailable, retry");
     if !queries::record_hello(conn, &claims.signature)
         .await
@@ -227,15 +225,6 @@ pub async fn verify_online(
                 Refusal::new("unauthorized", "memberId is not this member's id")
             });
         }
-    }
-    let live = queries::live_connections(conn, mesh_id)
-        .await
-        .map_err(unavailable)?;
-    if live >= i64::from(config.limits.max_connections_per_mesh) {
-        return Err(Refusal::new(
-            "capacity",
-            "this mesh has as many connections as it may",
-        ));
     }
     Ok(member)
 }

@@ -19,7 +19,9 @@ use super::backlog::Backlog;
 use super::drain::{self, Drain};
 use super::registry::{self, ConnEntry, KickSelector, Registry};
 use super::{connection_key, Shared};
-use crate::db::queries::{self, MemberRow, NewMessage, NewPresence, Recipient, SendOutcome};
+use crate::db::queries::{
+    self, MemberRow, NewMessage, NewPresence, Opened, Recipient, SendOutcome,
+};
 use crate::ids::Role;
 use crate::metrics::ActorKind;
 use crate::protocol::{
@@ -241,7 +243,7 @@ impl WsSession {
             let mut conn = shared.pool.get().await.map_err(|_| {
                 handshake::Refusal::new("unavailable", "database unavailable, retry")
             })?;
-            let member = handshake::verify_online(&mut conn, &claims, &shared.config).await?;
+            let member = handshake::verify_online(&mut conn, &claims).await?;
             let info = &claims.info;
             let session_id = info
                 .session_id
@@ -270,9 +272,22 @@ impl WsSession {
                 model: info.model.clone(),
                 broker_node_id: shared.node_id.0,
             };
-            let silent = queries::open_presence(&mut conn, &row).await.map_err(|_| {
-                handshake::Refusal::new("unavailable", "database unavailable, retry")
-            })?;
+            let cap = i64::from(shared.config.limits.max_connections_per_mesh);
+            let silent = match queries::open_presence(&mut conn, &row, cap).await {
+                Ok(Opened::Opened { silent }) => silent,
+                Ok(Opened::MeshFull) => {
+                    return Err(handshake::Refusal::new(
+                        "capacity",
+                        "this mesh has as many connections as it may",
+                    ))
+                }
+                Err(_) => {
+                    return Err(handshake::Refusal::new(
+                        "unavailable",
+                        "database unavailable, retry",
+                    ))
+                }
+            };
             drop(conn);
             let entry = ConnEntry {
                 presence_id,

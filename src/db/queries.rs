@@ -62,15 +62,6 @@ pub async fn record_hello(conn: &mut Conn, signature: &str) -> QueryResult<bool>
     Ok(inserted == 1)
 }
 
-pub async fn live_connections(conn: &mut Conn, mesh_id: Uuid) -> QueryResult<i64> {
-    presence::table
-        .filter(presence::mesh_id.eq(mesh_id))
-        .filter(presence::disconnected_at.is_null())
-        .count()
-        .get_result(conn)
-        .await
-}
-
 // ---------------------------------------------------------------------------
 // Presence
 
@@ -94,12 +85,42 @@ pub struct NewPresence {
     pub broker_node_id: Uuid,
 }
 
-/// Inserts a new connection's presence row. If a closed connection with the
-/// same identity is inside its grace window, that window ends here and the
-/// new connection takes it over silently; returns whether it did.
-pub async fn open_presence(conn: &mut Conn, row: &NewPresence) -> QueryResult<bool> {
+/// What [`open_presence`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    /// The mesh already has `max_live` live connections: nothing inserted.
+    MeshFull,
+    /// Inserted; `silent` when it took over a connection in its grace window.
+    Opened { silent: bool },
+}
+
+/// Inserts a new connection's presence row, unless the mesh already has
+/// `max_live` live connections. If a closed connection with the same
+/// identity is inside its grace window, that window ends here and the new
+/// connection takes it over silently.
+///
+/// The count and the insert run under a per-mesh transaction lock, so
+/// simultaneous hellos cannot take the mesh past its cap.
+pub async fn open_presence(
+    conn: &mut Conn,
+    row: &NewPresence,
+    max_live: i64,
+) -> QueryResult<Opened> {
     let row = row.clone();
     conn.transaction::<_, diesel::result::Error, _>(async move |conn| {
+        diesel::sql_query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))")
+            .bind::<SqlUuid, _>(row.mesh_id)
+            .execute(conn)
+            .await?;
+        let live: i64 = presence::table
+            .filter(presence::mesh_id.eq(row.mesh_id))
+            .filter(presence::disconnected_at.is_null())
+            .count()
+            .get_result(conn)
+            .await?;
+        if live >= max_live {
+            return Ok(Opened::MeshFull);
+        }
         let in_grace = presence::table
             .filter(presence::mesh_id.eq(row.mesh_id))
             .filter(presence::grace_until.gt(diesel::dsl::now));
@@ -127,7 +148,9 @@ pub async fn open_presence(conn: &mut Conn, row: &NewPresence) -> QueryResult<bo
             .values(&row)
             .execute(conn)
             .await?;
-        Ok(!taken.is_empty())
+        Ok(Opened::Opened {
+            silent: !taken.is_empty(),
+        })
     })
     .await
 }

@@ -911,6 +911,36 @@ async fn the_mesh_connection_cap_is_refused_counted_and_spares_the_live_ones() {
     env.connect(&b).await;
 }
 
+/// Simultaneous hellos cannot take a mesh past its cap: the count and the
+/// insert are one step under a per-mesh lock.
+#[actix_web::test]
+async fn simultaneous_hellos_never_exceed_the_mesh_cap() {
+    const CAP: usize = 3;
+    let env = TestEnv::start_with(|c| {
+        c.limits.max_connections_per_mesh = CAP as u32;
+        c.database.pool_size = 12;
+    })
+    .await;
+    let mut members = Vec::new();
+    for i in 0..12 {
+        members.push(env.member(&format!("m{i}")).await);
+    }
+    let hellos = members.iter().map(|m| {
+        let url = env.ws_url.clone();
+        async move { client::hello(&url, &m.creds, &HelloOptions::default()).await }
+    });
+    let results = futures_util::future::join_all(hellos).await;
+    let accepted = results.iter().filter(|r| r.is_ok()).count();
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert!(format!("{r:#}").contains("capacity"), "{r:#}");
+    }
+    assert_eq!(accepted, CAP, "accepted hellos with a cap of {CAP}");
+    let live = env
+        .rows("SELECT id FROM mesh.presence WHERE disconnected_at IS NULL")
+        .await;
+    assert_eq!(live.len(), CAP, "{live:?}");
+}
+
 #[actix_web::test]
 async fn an_oversized_message_is_counted_and_stores_nothing() {
     let env = TestEnv::start_with(|c| c.limits.max_message_bytes = 1024).await;
