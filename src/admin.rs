@@ -183,13 +183,25 @@ pub async fn list_members(
 }
 
 async fn ensure_mesh(conn: &mut AsyncPgConnection, mesh_id: MeshId) -> Result<(), AdminError> {
+    if mesh_exists(conn, mesh_id).await? {
+        Ok(())
+    } else {
+        Err(AdminError::MeshNotFound(mesh_id))
+    }
+}
+
+/// Whether the mesh exists (the admin commands' first check).
+pub(crate) async fn mesh_exists(
+    conn: &mut AsyncPgConnection,
+    mesh_id: MeshId,
+) -> QueryResult<bool> {
     let found: Option<Uuid> = mesh::table
         .find(mesh_id.0)
         .select(mesh::id)
         .first(conn)
         .await
         .optional()?;
-    found.map(|_| ()).ok_or(AdminError::MeshNotFound(mesh_id))
+    Ok(found.is_some())
 }
 
 fn check_name(what: &'static str, name: &str) -> Result<(), AdminError> {

@@ -19,7 +19,6 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::db::lifecycle;
-use crate::db::schema::mesh::mesh;
 use crate::ids::MeshId;
 
 /// Rows one statement touches at most.
@@ -252,13 +251,9 @@ async fn run_selected(
 }
 
 async fn ensure_mesh(conn: &mut AsyncPgConnection, mesh_id: MeshId) -> Result<(), DeadLetterError> {
-    let found: Option<Uuid> = mesh::table
-        .find(mesh_id.0)
-        .select(mesh::id)
-        .first(conn)
-        .await
-        .optional()?;
-    found
-        .map(|_| ())
-        .ok_or(DeadLetterError::MeshNotFound(mesh_id))
+    if crate::admin::mesh_exists(conn, mesh_id).await? {
+        Ok(())
+    } else {
+        Err(DeadLetterError::MeshNotFound(mesh_id))
+    }
 }

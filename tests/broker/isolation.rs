@@ -3,9 +3,7 @@
 //! events, sends, acks / nacks / in_progress, kicks, status. And a delivery
 //! is settled only by its own recipient.
 
-use meshbroker::client::{
-    self, hello_frame, now_ms, session_hello_frame, Credentials, HelloOptions,
-};
+use meshbroker::client::{self, hello_frame, now_ms, session_hello_frame, HelloOptions};
 use meshbroker::config::Dur;
 use meshbroker::ids::MeshId;
 use serde_json::Value;
@@ -19,21 +17,6 @@ async fn other_mesh(env: &TestEnv) -> MeshId {
         .await
         .expect("create mesh")
         .id
-}
-
-/// A member of `mesh` with a fresh key.
-async fn member_of(env: &TestEnv, mesh: MeshId, name: &str, admin: bool) -> Member {
-    let mut conn = env.pool.get().await.expect("db conn");
-    let m = meshbroker::admin::add_member(&mut conn, mesh, name, None, admin)
-        .await
-        .expect("add member");
-    let secret = m.secret_key.expect("generated key");
-    Member {
-        name: name.to_owned(),
-        id: m.id.to_string(),
-        creds: Credentials::from_secret_hex(&mesh.to_string(), &m.id.to_string(), &secret)
-            .expect("key parses"),
-    }
 }
 
 fn named(name: &str) -> HelloOptions {
@@ -57,7 +40,7 @@ async fn a_member_of_one_mesh_cannot_hello_into_another() {
     let env = TestEnv::start().await;
     let y = other_mesh(&env).await;
     let alice = env.member("alice").await;
-    let yuri = member_of(&env, y, "yuri", false).await;
+    let yuri = env.member_in(y, "yuri", false).await;
 
     // Alice's own key, correctly signed, naming mesh Y (with her id, then
     // with a Y member's id).
@@ -131,8 +114,8 @@ async fn peers_lists_and_system_events_stay_in_their_mesh() {
     let y = other_mesh(&env).await;
     let alice = env.member("alice").await;
     let bob = env.member("bob").await;
-    let yuri = member_of(&env, y, "yuri", false).await;
-    let yara = member_of(&env, y, "yara", false).await;
+    let yuri = env.member_in(y, "yuri", false).await;
+    let yara = env.member_in(y, "yara", false).await;
     let mut ac = env.connect(&alice).await;
     let (mut bs, _) = env.session(&bob, "bob-session").await;
     let mut yc = env.connect(&yuri).await;
@@ -192,28 +175,14 @@ async fn sends_never_cross_meshes() {
     let y = other_mesh(&env).await;
     let alice = env.member("alice").await;
     let bob = env.member("bob").await;
-    let yuri = member_of(&env, y, "yuri", false).await;
+    let yuri = env.member_in(y, "yuri", false).await;
     let mut ac = env.connect(&alice).await;
-    let mut bc = env
-        .connect_opts(
-            &bob,
-            HelloOptions {
-                groups: vec!["ops".into()],
-                ..named("bob")
-            },
-        )
-        .await
-        .0;
-    let mut yc = env
-        .connect_opts(
-            &yuri,
-            HelloOptions {
-                groups: vec!["ops".into()],
-                ..named("yuri")
-            },
-        )
-        .await
-        .0;
+    let in_ops = |name: &str| HelloOptions {
+        groups: vec!["ops".into()],
+        ..named(name)
+    };
+    let mut bc = env.connect_opts(&bob, in_ops("bob")).await.0;
+    let mut yc = env.connect_opts(&yuri, in_ops("yuri")).await.0;
     let (mut ys, yk) = env.session(&yuri, "yuri-session").await;
 
     // Another mesh's member and session keys are unknown here.
@@ -258,8 +227,8 @@ async fn acks_nacks_and_in_progress_for_a_delivery_not_the_askers_change_nothing
     let y = other_mesh(&env).await;
     let alice = env.member("alice").await;
     let carol = env.member("carol").await;
-    let yuri = member_of(&env, y, "yuri", false).await;
-    let yara = member_of(&env, y, "yara", false).await;
+    let yuri = env.member_in(y, "yuri", false).await;
+    let yara = env.member_in(y, "yara", false).await;
     let mut ac = env.connect(&alice).await;
     let mut cc = env.connect(&carol).await;
     let (mut cs, _) = env.session(&carol, "carol-session").await;
@@ -339,7 +308,7 @@ async fn kicks_and_disconnects_stay_in_their_mesh() {
     let y = other_mesh(&env).await;
     let root = env.admin("root").await;
     let bob = env.member("bob").await;
-    let yuri = member_of(&env, y, "yuri", false).await;
+    let yuri = env.member_in(y, "yuri", false).await;
     let mut rc = env.connect(&root).await;
     // The same display name in both meshes.
     let (mut bs, _) = env.session(&bob, "worker").await;
@@ -397,7 +366,7 @@ async fn status_and_replacement_stay_in_their_mesh() {
     let env = TestEnv::start().await;
     let y = other_mesh(&env).await;
     let alice = env.member("alice").await;
-    let yuri = member_of(&env, y, "yuri", false).await;
+    let yuri = env.member_in(y, "yuri", false).await;
     let sid = format!("sid-{}", uuid::Uuid::new_v4());
     let with_sid = |name: &str| HelloOptions {
         session_id: Some(sid.clone()),

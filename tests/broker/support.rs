@@ -310,20 +310,26 @@ impl TestEnv {
     }
 
     async fn add_member(&self, name: &str, is_admin: bool) -> Member {
+        self.member_in(self.mesh_id, name, is_admin).await
+    }
+
+    /// A member with a fresh key in `mesh` (another mesh than the test's own).
+    pub async fn member_in(
+        &self,
+        mesh: meshbroker::ids::MeshId,
+        name: &str,
+        is_admin: bool,
+    ) -> Member {
         let mut conn = self.pool.get().await.expect("db conn");
-        let m = admin::add_member(&mut conn, self.mesh_id, name, None, is_admin)
+        let m = admin::add_member(&mut conn, mesh, name, None, is_admin)
             .await
             .expect("add member");
         let secret = m.secret_key.expect("generated secret key");
         Member {
             name: name.to_owned(),
             id: m.id.to_string(),
-            creds: Credentials::from_secret_hex(
-                &self.mesh_id.to_string(),
-                &m.id.to_string(),
-                &secret,
-            )
-            .expect("secret key parses"),
+            creds: Credentials::from_secret_hex(&mesh.to_string(), &m.id.to_string(), &secret)
+                .expect("secret key parses"),
         }
     }
 
