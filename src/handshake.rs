@@ -195,7 +195,10 @@ pub async fn verify_online(
     claims: &Claims,
     config: &Config,
 ) -> Result<MemberRow, Refusal> {
-    let unavailable = |_| Refusal::new("unavailable", "database unavailable, retry");
+    let unavailable = |e: diesel::result::Error| {
+        tracing::warn!(error = %e, "hello refused: database check failed");
+        Refusal::new("unavailable", "database unavailable, retry")
+    };
     if !queries::record_hello(conn, &claims.signature)
         .await
         .map_err(unavailable)?

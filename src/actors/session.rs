@@ -197,7 +197,8 @@ impl WsSession {
         let addr = ctx.address();
         let last_seen = self.last_seen.clone();
         let fut = async move {
-            let mut conn = shared.pool.get().await.map_err(|_| {
+            let mut conn = shared.pool.get().await.map_err(|e| {
+                tracing::warn!(error = %e, "hello refused: no database connection");
                 handshake::Refusal::new("unavailable", "database unavailable, retry")
             })?;
             let member = handshake::verify_online(&mut conn, &claims, &shared.config).await?;
@@ -229,7 +230,8 @@ impl WsSession {
                 model: info.model.clone(),
                 broker_node_id: shared.node_id.0,
             };
-            let silent = queries::open_presence(&mut conn, &row).await.map_err(|_| {
+            let silent = queries::open_presence(&mut conn, &row).await.map_err(|e| {
+                tracing::warn!(error = %e, "hello refused: presence row not written");
                 handshake::Refusal::new("unavailable", "database unavailable, retry")
             })?;
             drop(conn);
@@ -910,7 +912,12 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
                 "fragmented frames are not supported",
                 None,
             ),
-            ws::Message::Close(_) => ctx.stop(),
+            // RFC 6455 §5.5.1: answer a close with a close. Without it the
+            // client waits for the TCP connection to end instead (~1 s).
+            ws::Message::Close(reason) => {
+                ctx.close(reason);
+                ctx.stop();
+            }
             ws::Message::Nop => {}
         }
     }

@@ -9,6 +9,7 @@ mod support;
 mod admin_frames;
 mod delivery;
 mod durability;
+mod faults;
 mod frames;
 mod handshake;
 mod http;
