@@ -194,7 +194,10 @@ pub fn verify_offline(kind: &HelloKind, now_ms: i64, config: &Config) -> Result<
 /// The database checks: replay, member, revocation, member id. (Capacity
 /// is checked where the presence row is inserted: `queries::open_presence`.)
 pub async fn verify_online(conn: &mut PgConn, claims: &Claims) -> Result<MemberRow, Refusal> {
-    let unavailable = |_| Refusal::new("unavailable", "database unavailable, retry");
+    let unavailable = |e: diesel::result::Error| {
+        tracing::warn!(error = %e, "hello refused: database check failed");
+        Refusal::new("unavailable", "database unavailable, retry")
+    };
     if !queries::record_hello(conn, &claims.signature)
         .await
         .map_err(unavailable)?

@@ -55,14 +55,17 @@ impl Conn {
     }
 
     /// Lower is preferred for deliveries keyed to this connection's key
-    /// (a session and a CLI connection may share a session pubkey).
-    fn key_rank(&self) -> (u8, u64) {
+    /// (a session and a CLI connection may share a session pubkey). Among
+    /// equals the newest wins: an older session with the same key is one
+    /// its new hello is replacing, and what it is pushed now is only
+    /// released again when it closes (one attempt spent for nothing).
+    fn key_rank(&self) -> (u8, std::cmp::Reverse<u64>) {
         let class = match self.role {
             Role::Session => 0,
             Role::Service => 1,
             Role::ControlPlane => 2,
         };
-        (class, self.seq)
+        (class, std::cmp::Reverse(self.seq))
     }
 
     fn room(&mut self, max_in_flight: u32) -> i64 {
@@ -83,6 +86,18 @@ pub struct Drain {
     running: bool,
     /// Woken during a pass: run again after it.
     dirty: bool,
+    /// Database futures in flight (claims, acks, releases). Stopping the
+    /// actor would cancel them mid-way: an ack never recorded, rows
+    /// claimed and never pushed. So the drain stops only when none is left.
+    pending: usize,
+    /// The member's last connection left: stop once `pending` is zero.
+    retiring: bool,
+    /// Acks of a connection not yet recorded. A closed connection's claims
+    /// are released only after them: released first, what it had acked
+    /// would be claimed and pushed again (an attempt spent for nothing).
+    acks_in_flight: HashMap<Uuid, usize>,
+    /// Connections that closed while their acks were in flight → `last`.
+    release_after_acks: HashMap<Uuid, bool>,
 }
 
 impl Drain {
@@ -94,7 +109,25 @@ impl Drain {
             next_seq: 0,
             running: false,
             dirty: false,
+            pending: 0,
+            retiring: false,
+            acks_in_flight: HashMap::new(),
+            release_after_acks: HashMap::new(),
         }
+    }
+
+    /// Spawns a future that uses the database, counted in `pending`.
+    fn spawn_db<F>(&mut self, ctx: &mut Context<Self>, fut: F)
+    where
+        F: ActorFuture<Self, Output = ()> + 'static,
+    {
+        self.pending += 1;
+        ctx.spawn(fut.map(|(), act, ctx| {
+            act.pending -= 1;
+            if act.retiring && act.conns.is_empty() && act.pending == 0 {
+                ctx.stop();
+            }
+        }));
     }
 
     fn count(&self) {
@@ -112,7 +145,7 @@ impl Drain {
             .filter(|(_, c)| !c.backlog.is_cut())
             .min_by_key(|(_, c)| c.rank())
             .map(|(id, _)| *id);
-        let mut best_for_key: HashMap<&str, (Uuid, (u8, u64))> = HashMap::new();
+        let mut best_for_key: HashMap<&str, (Uuid, (u8, std::cmp::Reverse<u64>))> = HashMap::new();
         for (id, c) in self.conns.iter().filter(|(_, c)| !c.backlog.is_cut()) {
             let rank = c.key_rank();
             let e = best_for_key.entry(c.key.as_str()).or_insert((*id, rank));
@@ -177,7 +210,7 @@ impl Drain {
             }
             Ok::<_, String>(batches)
         };
-        ctx.spawn(fut.into_actor(self).map(|result, act, ctx| {
+        let fut = fut.into_actor(self).map(|result, act, ctx| {
             act.running = false;
             match result {
                 Ok(batches) => {
@@ -195,7 +228,8 @@ impl Drain {
                     ctx.run_later(RETRY_AFTER, |act, ctx| act.drain(ctx));
                 }
             }
-        }));
+        });
+        self.spawn_db(ctx, fut);
     }
 
     /// Writes claimed deliveries to their connection.
@@ -229,9 +263,18 @@ impl Drain {
 
     /// Releases a closed connection's claims; then drains again, or stops
     /// if it was the member's last connection.
+    ///
+    /// Spawned, not `ctx.wait`ed: a wait pauses this actor's other futures,
+    /// and a claim or ack future paused while holding a pooled connection,
+    /// with this one waiting for another, starves the whole pool until its
+    /// timeout (every hello and send meanwhile refused `unavailable`).
     fn release(&mut self, ctx: &mut Context<Self>, presence_id: Uuid, last: bool) {
+        if last {
+            self.retiring = true;
+        }
         let pool = self.shared.pool.clone();
-        ctx.wait(
+        self.spawn_db(
+            ctx,
             async move {
                 match pool.get().await {
                     Ok(mut conn) => {
@@ -243,14 +286,22 @@ impl Drain {
                 }
             }
             .into_actor(self)
-            .map(move |_, act, ctx| {
-                if last && act.conns.is_empty() {
-                    ctx.stop();
-                } else {
-                    act.drain(ctx);
-                }
-            }),
+            .map(|_, act, ctx| act.drain(ctx)),
         );
+    }
+
+    /// One ack of `presence_id` was recorded (or failed): if it was the
+    /// last in flight of a connection that has closed, release its claims.
+    fn ack_done(&mut self, ctx: &mut Context<Self>, presence_id: Uuid) {
+        if let Some(n) = self.acks_in_flight.get_mut(&presence_id) {
+            *n -= 1;
+            if *n == 0 {
+                self.acks_in_flight.remove(&presence_id);
+                if let Some(last) = self.release_after_acks.remove(&presence_id) {
+                    self.release(ctx, presence_id, last);
+                }
+            }
+        }
     }
 
     /// Forgets delivery ids on whichever connection holds them.
@@ -350,7 +401,12 @@ impl Handler<RemoveConn> for Drain {
     fn handle(&mut self, msg: RemoveConn, ctx: &mut Self::Context) {
         self.count();
         self.conns.remove(&msg.presence_id);
-        self.release(ctx, msg.presence_id, msg.last);
+        if self.acks_in_flight.contains_key(&msg.presence_id) {
+            self.retiring |= msg.last;
+            self.release_after_acks.insert(msg.presence_id, msg.last);
+        } else {
+            self.release(ctx, msg.presence_id, msg.last);
+        }
     }
 }
 
@@ -399,7 +455,10 @@ impl Handler<Ack> for Drain {
         };
         let shared = self.shared.clone();
         let member_id = self.member_id;
-        ctx.spawn(
+        let presence_id = msg.presence_id;
+        *self.acks_in_flight.entry(presence_id).or_default() += 1;
+        self.spawn_db(
+            ctx,
             async move {
                 let mut conn = shared.pool.get().await.map_err(|e| e.to_string())?;
                 queries::ack(&mut conn, member_id, &key, msg.broker_message_id, msg.client_message_id.as_deref())
@@ -407,20 +466,23 @@ impl Handler<Ack> for Drain {
                     .map_err(|e| e.to_string())
             }
             .into_actor(self)
-            .map(|result, act, ctx| match result {
-                Ok(acked) if !acked.is_empty() => {
-                    let metrics = &act.shared.metrics;
-                    let now = Utc::now();
-                    Metrics::add(&metrics.deliveries_acked, acked.len() as u64);
-                    for a in &acked {
-                        metrics.observe_delivery((now - a.created_at).as_seconds_f64());
+            .map(move |result, act, ctx| {
+                act.ack_done(ctx, presence_id);
+                match result {
+                    Ok(acked) if !acked.is_empty() => {
+                        let metrics = &act.shared.metrics;
+                        let now = Utc::now();
+                        Metrics::add(&metrics.deliveries_acked, acked.len() as u64);
+                        for a in &acked {
+                            metrics.observe_delivery((now - a.created_at).as_seconds_f64());
+                        }
+                        let ids: Vec<i64> = acked.iter().map(|a| a.id).collect();
+                        act.forget(&ids);
+                        act.drain(ctx);
                     }
-                    let ids: Vec<i64> = acked.iter().map(|a| a.id).collect();
-                    act.forget(&ids);
-                    act.drain(ctx);
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "ack not recorded; the delivery will be pushed again"),
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "ack not recorded; the delivery will be pushed again"),
             }),
         );
     }
@@ -456,7 +518,8 @@ impl Handler<Settle> for Drain {
         if !self.conns.contains_key(&presence_id) {
             return;
         }
-        ctx.spawn(
+        self.spawn_db(
+            ctx,
             async move {
                 let mut conn = shared.pool.get().await.map_err(|e| e.to_string())?;
                 match msg {

@@ -240,7 +240,8 @@ impl WsSession {
         let last_seen = self.last_seen.clone();
         let backlog = self.backlog.clone();
         let fut = async move {
-            let mut conn = shared.pool.get().await.map_err(|_| {
+            let mut conn = shared.pool.get().await.map_err(|e| {
+                tracing::warn!(error = %e, "hello refused: no database connection");
                 handshake::Refusal::new("unavailable", "database unavailable, retry")
             })?;
             let member = handshake::verify_online(&mut conn, &claims).await?;
@@ -281,11 +282,12 @@ impl WsSession {
                         "this mesh has as many connections as it may",
                     ))
                 }
-                Err(_) => {
+                Err(e) => {
+                    tracing::warn!(error = %e, "hello refused: presence row not written");
                     return Err(handshake::Refusal::new(
                         "unavailable",
                         "database unavailable, retry",
-                    ))
+                    ));
                 }
             };
             drop(conn);
@@ -1003,7 +1005,12 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
                 "fragmented frames are not supported",
                 None,
             ),
-            ws::Message::Close(_) => ctx.stop(),
+            // RFC 6455 §5.5.1: answer a close with a close. Without it the
+            // client waits for the TCP connection to end instead (~1 s).
+            ws::Message::Close(reason) => {
+                ctx.close(reason);
+                ctx.stop();
+            }
             ws::Message::Nop => {}
         }
     }

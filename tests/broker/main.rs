@@ -9,6 +9,7 @@ mod support;
 mod admin_frames;
 mod delivery;
 mod durability;
+mod faults;
 mod faults_live;
 mod frames;
 mod handshake;
