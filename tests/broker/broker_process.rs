@@ -256,12 +256,6 @@ impl Ledger {
         self.acked.insert(id.to_owned());
     }
 
-    pub fn is_acked(&self, push: &Value) -> bool {
-        push["messageId"]
-            .as_str()
-            .is_some_and(|id| self.acked.contains(id))
-    }
-
     /// Accepted messages not yet acked.
     pub fn outstanding(&self) -> usize {
         self.accepted.difference(&self.acked).count()
@@ -289,17 +283,21 @@ impl Ledger {
         }
     }
 
-    /// Prints the figures (`cargo test -- --nocapture` shows them) and
-    /// asserts nothing accepted was lost.
-    pub fn assert_nothing_lost(&self, test: &str) -> Report {
+    /// Prints the test's one `FIGURES` line (`cargo test -- --nocapture`
+    /// shows it): the ledger's counts, then `extra`; and asserts nothing
+    /// accepted was lost.
+    pub fn assert_nothing_lost(&self, test: &str, extra: &str) -> Report {
         let r = self.report();
         println!(
-            "FIGURES {test}: accepted={} refused={:?} lost={} duplicated={} extra_pushes={}",
+            "FIGURES {test}: messages={} refused={} (unavailable={}, rate_limit={}) lost={} \
+             duplicated={} extra_pushes={} {extra}",
             r.accepted,
-            self.refused,
+            r.refused,
+            self.refused("unavailable"),
+            self.refused("rate_limit"),
             r.lost.len(),
             r.duplicated,
-            r.extra_pushes
+            r.extra_pushes,
         );
         assert!(
             r.lost.is_empty(),

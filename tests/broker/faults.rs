@@ -249,29 +249,6 @@ fn secs(d: Duration) -> String {
     format!("{:.2}s", d.as_secs_f64())
 }
 
-/// Asserts nothing was lost and prints the one `FIGURES` line of a test.
-fn figures(ledger: &Ledger, test: &str, extra: &str) -> Report {
-    let r = ledger.report();
-    println!(
-        "FIGURES {test}: messages={} refused={} (unavailable={}, rate_limit={}) lost={} \
-         duplicated={} extra_pushes={} {extra}",
-        r.accepted,
-        r.refused,
-        ledger.refused("unavailable"),
-        ledger.refused("rate_limit"),
-        r.lost.len(),
-        r.duplicated,
-        r.extra_pushes,
-    );
-    assert!(
-        r.lost.is_empty(),
-        "{test}: {} accepted messages never acked: {:?}",
-        r.lost.len(),
-        r.lost
-    );
-    r
-}
-
 // ---------------------------------------------------------------------------
 // 1. The broker is killed between push and ack
 
@@ -361,8 +338,7 @@ async fn killed_broker_repushes_exactly_the_unacked_deliveries() {
         "pushed after everything was acked: {late:?}"
     );
     assert_all_delivered_in_db(&env.pool, TEST).await;
-    let r = figures(
-        &ledger.borrow(),
+    let r = ledger.borrow().assert_nothing_lost(
         TEST,
         &format!(
             "acked_before_kill={} repushed={} kill_to_all_acked={}",
@@ -570,8 +546,7 @@ async fn postgres_outage_refuses_sends_and_recovers_without_restart() {
             "refusal during the outage: {error}"
         );
     }
-    figures(
-        &ledger.borrow(),
+    ledger.borrow().assert_nothing_lost(
         TEST,
         &format!(
             "sends_during_outage={} sent_in_outage_queued_after_restart={queued_across_restart} stored_despite_refusal={} outage={} pg_start_to_first_queued={} pg_start_to_all_acked={}",
@@ -708,8 +683,7 @@ async fn reconnect_storm_loses_nothing() {
         .map(|r| format!("{}:{}", r["attempts"], r["n"]))
         .collect();
     let counters = broker_counters(&p.http_url).await;
-    figures(
-        &ledger.borrow(),
+    ledger.borrow().assert_nothing_lost(
         TEST,
         &format!(
             "reconnects={} storm={} hello_replayed_retries={} final_drain={} attempts=[{}] broker: {counters}",
@@ -933,8 +907,7 @@ async fn soak_with_faults_at_random_times() {
             )
         })
         .collect();
-    figures(
-        &ledger.borrow(),
+    ledger.borrow().assert_nothing_lost(
         TEST,
         &format!(
             "duration={} members={MEMBERS} faults=[{}] clients={:?} final_drain={} max_attempts={max_attempts} rss_max_kib={rss_max} broker_since_last_start: {counters}",

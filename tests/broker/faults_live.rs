@@ -257,28 +257,24 @@ async fn a_consumer_that_stops_reading_is_bounded_and_cut_off_without_loss() {
     let after = pair_latencies(&p, &mut cc, &mut dc, &dave.pubkey(), 10, &mut probes).await;
     let rss_after = p.rss_kib();
 
-    let r = ledger.report();
     let probe_report = probes.report();
-    println!(
-        "FIGURES {TEST}: messages={} ({} of ~{} KB) lost={} duplicated={} extra_pushes={} \
-         max_live_leases={max_leases}/{MAX_IN_FLIGHT} cut_off_after_ms={} recover_ms={} \
-         rss_kib before={rss_before} during_max={rss_during} after={rss_after} \
-         other_pair_push_median_ms before={} during={} after={} other_pair_probes={} lost={}",
-        r.accepted,
-        MESSAGES - MESSAGES / 3,
-        LARGE / 1000,
-        r.lost.len(),
-        r.duplicated,
-        r.extra_pushes,
-        ms(cut_at),
-        ms(recover_time),
-        ms(median(baseline)),
-        ms(median(during)),
-        ms(median(after)),
-        probe_report.accepted,
-        probe_report.lost.len(),
+    ledger.assert_nothing_lost(
+        TEST,
+        &format!(
+            "large={} of ~{} KB max_live_leases={max_leases}/{MAX_IN_FLIGHT} cut_off_after_ms={} \
+             recover_ms={} rss_kib before={rss_before} during_max={rss_during} after={rss_after} \
+             other_pair_push_median_ms before={} during={} after={} other_pair_probes={} lost={}",
+            MESSAGES - MESSAGES / 3,
+            LARGE / 1000,
+            ms(cut_at),
+            ms(recover_time),
+            ms(median(baseline)),
+            ms(median(during)),
+            ms(median(after)),
+            probe_report.accepted,
+            probe_report.lost.len(),
+        ),
     );
-    assert!(r.lost.is_empty(), "{TEST}: lost {:?}", r.lost);
     assert!(probe_report.lost.is_empty(), "{TEST}: probes lost");
     // Generous: the backlog bound is 8 × 256 KiB + 1 MiB here; anything
     // near this means buffering was not bounded.
@@ -406,18 +402,14 @@ async fn sigusr1_sweeper_failures_are_survived_and_redelivery_goes_on() {
     let total_restarts = restarts(&p).await;
     let sweeps = process_metric(&p, "meshbroker_sweeper_runs_total", &[]).await;
     let log = p.log();
-    let r = ledger.report();
-    println!(
-        "FIGURES {TEST}: messages={} lost={} duplicated={} extra_pushes={} injected={ROUNDS} \
-         restarts={total_restarts} held_attempts={attempt} sweeper_runs={sweeps} \
-         restart_to_redelivery_ms={:?}",
-        r.accepted,
-        r.lost.len(),
-        r.duplicated,
-        r.extra_pushes,
-        recovery.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+    ledger.assert_nothing_lost(
+        TEST,
+        &format!(
+            "injected={ROUNDS} restarts={total_restarts} held_attempts={attempt} \
+             sweeper_runs={sweeps} restart_to_redelivery_ms={:?}",
+            recovery.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+        ),
     );
-    assert!(r.lost.is_empty(), "{TEST}: lost {:?}", r.lost);
     assert_eq!(
         total_restarts, ROUNDS as f64,
         "one restart per injected failure"
@@ -632,22 +624,18 @@ async fn revoking_a_connected_member_closes_it_and_keeps_its_queue() {
         from_bob.acked(&push);
     }
 
-    let r = from_bob.report();
-    println!(
-        "FIGURES {TEST}: sent_by_revoked={} delivered={} lost={} duplicated={} \
-         queued_for_revoked={} cli_ms={} revoke_to_close_ms control_plane={} session={} \
-         sweeper_interval_ms={}",
-        r.accepted,
-        r.accepted - r.lost.len(),
-        r.lost.len(),
-        r.duplicated,
-        rows.len(),
-        ms(cli_time),
-        ms(cp_closed),
-        ms(session_closed),
-        ms(SWEEP),
+    from_bob.assert_nothing_lost(
+        TEST,
+        &format!(
+            "(sent by the revoked member) queued_for_revoked={} cli_ms={} \
+             revoke_to_close_ms control_plane={} session={} sweeper_interval_ms={}",
+            rows.len(),
+            ms(cli_time),
+            ms(cp_closed),
+            ms(session_closed),
+            ms(SWEEP),
+        ),
     );
-    assert!(r.lost.is_empty(), "{TEST}: lost {:?}", r.lost);
 }
 
 /// Between a revoke and the sweeper pass that closes its connections, the

@@ -2,7 +2,6 @@
 //! test (and the real executable in `process`), checked against the wire
 //! contract in protocol.md.
 
-#[allow(dead_code)] // the fault tests use all of it
 mod broker_process;
 mod support;
 
