@@ -553,7 +553,11 @@ impl WsSession {
         let ready = self.ready.as_ref().expect("after hello");
         let (mesh_id, own_member) = (ready.mesh_id, ready.member.id);
         let pool = self.shared.pool.clone();
-        ctx.spawn(
+        // `wait`, like every other database step of a session: a spawned
+        // future holding a pooled connection would be paused by the next
+        // `ctx.wait` while that one waits for a pooled connection, and one
+        // connection's list_peers flood cannot queue more than one query.
+        ctx.wait(
             async move {
                 let mut conn = pool.get().await.map_err(|e| e.to_string())?;
                 queries::listed_presence(&mut conn, mesh_id)
