@@ -22,7 +22,7 @@ use ed25519_dalek::SigningKey;
 use rand::Rng as _;
 use serde_json::Value;
 
-use meshbroker::client::{self, Connection, Credentials, Event, HelloOptions};
+use meshbroker::client::{self, Connection, Event, HelloOptions};
 use meshbroker::db::embedded::{EmbeddedOptions, EmbeddedPostgres};
 use meshbroker::ids::MeshId;
 use meshbroker::{admin, db};
@@ -109,17 +109,7 @@ impl Mesh {
     }
 
     async fn member(&self, name: &str) -> Member {
-        let mut conn = self.pool.get().await.expect("db conn");
-        let m = admin::add_member(&mut conn, self.id, name, None, false)
-            .await
-            .expect("add member");
-        let secret = m.secret_key.expect("generated secret key");
-        Member {
-            name: name.to_owned(),
-            id: m.id.to_string(),
-            creds: Credentials::from_secret_hex(&self.id.to_string(), &m.id.to_string(), &secret)
-                .expect("secret key parses"),
-        }
+        new_member(&self.pool, self.id, name, false).await
     }
 }
 

@@ -320,17 +320,7 @@ impl TestEnv {
         name: &str,
         is_admin: bool,
     ) -> Member {
-        let mut conn = self.pool.get().await.expect("db conn");
-        let m = admin::add_member(&mut conn, mesh, name, None, is_admin)
-            .await
-            .expect("add member");
-        let secret = m.secret_key.expect("generated secret key");
-        Member {
-            name: name.to_owned(),
-            id: m.id.to_string(),
-            creds: Credentials::from_secret_hex(&mesh.to_string(), &m.id.to_string(), &secret)
-                .expect("secret key parses"),
-        }
+        new_member(&self.pool, mesh, name, is_admin).await
     }
 
     pub async fn member(&self, name: &str) -> Member {
@@ -457,6 +447,26 @@ impl TestEnv {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// A member with a fresh key in `mesh`, made through the admin API.
+pub async fn new_member(
+    pool: &db::Pool,
+    mesh: meshbroker::ids::MeshId,
+    name: &str,
+    is_admin: bool,
+) -> Member {
+    let mut conn = pool.get().await.expect("db conn");
+    let m = admin::add_member(&mut conn, mesh, name, None, is_admin)
+        .await
+        .expect("add member");
+    let secret = m.secret_key.expect("generated secret key");
+    Member {
+        name: name.to_owned(),
+        id: m.id.to_string(),
+        creds: Credentials::from_secret_hex(&mesh.to_string(), &m.id.to_string(), &secret)
+            .expect("secret key parses"),
     }
 }
 
