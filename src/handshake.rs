@@ -229,6 +229,20 @@ pub async fn verify_online(conn: &mut PgConn, claims: &Claims) -> Result<MemberR
             });
         }
     }
+    // A plain hello's sessionPubkey is unproven (nothing signs with it): it
+    // may not name a key another member's session proved with session_hello,
+    // or it would be listed, and send, as that session.
+    if let (false, Some(key)) = (claims.attested, &claims.session_pubkey) {
+        if queries::session_key_proven_by_other(conn, mesh_id, key, member.id)
+            .await
+            .map_err(unavailable)?
+        {
+            return Err(Refusal::new(
+                "unauthorized",
+                "sessionPubkey belongs to another member's session",
+            ));
+        }
+    }
     Ok(member)
 }
 

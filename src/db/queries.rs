@@ -292,6 +292,25 @@ pub async fn member_of_session(
         .optional()
 }
 
+/// Whether a member other than `member_id` proved session key `key` in
+/// this mesh (a `session` row: only `session_hello` makes those).
+pub async fn session_key_proven_by_other(
+    conn: &mut Conn,
+    mesh_id: Uuid,
+    key: &str,
+    member_id: Uuid,
+) -> QueryResult<bool> {
+    diesel::select(diesel::dsl::exists(
+        presence::table
+            .filter(presence::mesh_id.eq(mesh_id))
+            .filter(presence::session_pubkey.eq(key))
+            .filter(presence::role.eq("session"))
+            .filter(presence::member_id.ne(member_id)),
+    ))
+    .get_result(conn)
+    .await
+}
+
 /// Live `session` connections whose session id is `session_id` (the hook).
 pub async fn live_sessions_by_session_id(
     conn: &mut Conn,

@@ -625,25 +625,22 @@ async fn group_names_and_targets_are_data_never_sql_or_like_patterns() {
 }
 
 #[actix_web::test]
-async fn a_hello_naming_another_members_session_key_does_not_take_its_messages() {
-    // A plain hello's sessionPubkey is not proven (nothing signs with it):
-    // another member naming a live session's key must not become the
-    // address of that key.
+async fn a_hello_naming_another_members_session_key_is_refused_and_takes_nothing() {
+    // A plain hello's sessionPubkey is not proven (nothing signs with it).
+    // Named before the key's session proved it, it is accepted but never
+    // becomes the key's address; named after, the hello is refused.
     let env = TestEnv::start_with(|c| c.delivery.lease = meshbroker::config::Dur::secs(30)).await;
     let a = env.member("alice").await;
     let b = env.member("bob").await;
     let mallory = env.member("mallory").await;
     let mut ac = env.connect(&a).await;
-    let (mut bs, bk) = env.session(&b, "bob-session").await;
-    let (mut thief, _) = env
-        .connect_opts(
-            &mallory,
-            HelloOptions {
-                session_pubkey: Some(spub(&bk)),
-                ..named("not-bob")
-            },
-        )
-        .await;
+    let bk = client::generate_session_key();
+    let naming_bobs_key = HelloOptions {
+        session_pubkey: Some(spub(&bk)),
+        ..named("not-bob")
+    };
+    let (mut thief, _) = env.connect_opts(&mallory, naming_bobs_key.clone()).await;
+    let (mut bs, _) = env.session_opts(&b, &bk, named("bob-session")).await;
     let ack = ac
         .send_message(&spub(&bk), "for bob's session", "now", None)
         .await
@@ -660,8 +657,18 @@ async fn a_hello_naming_another_members_session_key_does_not_take_its_messages()
         ))
         .await;
     assert_eq!(rows, vec![json!({"name": "bob"})]);
-    // Offline too: with bob's session gone, the key still belongs to bob.
+
+    // Now the key is proven: naming it is refused, while bob's session is
+    // live and after it closed.
+    let frame = hello_frame(&mallory.creds, &naming_bobs_key, now_ms());
+    expect_refusal(&env.ws_url, &frame, "unauthorized", 1008).await;
     bs.close().await.must();
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    let frame = hello_frame(&mallory.creds, &naming_bobs_key, now_ms());
+    expect_refusal(&env.ws_url, &frame, "unauthorized", 1008).await;
+    // Bob's own member may still name it (its CLI does).
+    env.connect_opts(&b, naming_bobs_key.clone()).await;
+    // Offline, the key still belongs to bob.
     let ack = ac
         .send_message(&spub(&bk), "later", "now", None)
         .await
