@@ -98,6 +98,8 @@ pub struct Drain {
     acks_in_flight: HashMap<Uuid, usize>,
     /// Connections that closed while their acks were in flight → `last`.
     release_after_acks: HashMap<Uuid, bool>,
+    /// nack / in_progress queries in flight, per connection.
+    settles_in_flight: HashMap<Uuid, usize>,
 }
 
 impl Drain {
@@ -113,7 +115,24 @@ impl Drain {
             retiring: false,
             acks_in_flight: HashMap::new(),
             release_after_acks: HashMap::new(),
+            settles_in_flight: HashMap::new(),
         }
+    }
+
+    /// Whether one more ack / nack / in_progress query of this connection
+    /// may run. A client has at most `max_in_flight` unacked pushes on a
+    /// connection, so more settling queries than that at once are repeats
+    /// or made up: dropped (and counted), so one connection's flood cannot
+    /// queue unbounded work on the shared pool. A dropped genuine ack costs
+    /// at most a repeated push.
+    fn admit(&self, presence_id: Uuid) -> bool {
+        let n = |m: &HashMap<Uuid, usize>| m.get(&presence_id).copied().unwrap_or(0);
+        let busy = n(&self.acks_in_flight) + n(&self.settles_in_flight);
+        if busy < self.shared.config.delivery.max_in_flight as usize {
+            return true;
+        }
+        self.shared.metrics.frame_rejected("settle_overflow");
+        false
     }
 
     /// Spawns a future that uses the database, counted in `pending`.
@@ -453,6 +472,9 @@ impl Handler<Ack> for Drain {
         let Some(key) = self.conns.get(&msg.presence_id).map(|c| c.key.clone()) else {
             return;
         };
+        if !self.admit(msg.presence_id) {
+            return;
+        }
         let shared = self.shared.clone();
         let member_id = self.member_id;
         let presence_id = msg.presence_id;
@@ -515,9 +537,10 @@ impl Handler<Settle> for Drain {
             } => (*presence_id, true, *delay),
             Settle::InProgress { presence_id, .. } => (*presence_id, false, Duration::ZERO),
         };
-        if !self.conns.contains_key(&presence_id) {
+        if !self.conns.contains_key(&presence_id) || !self.admit(presence_id) {
             return;
         }
+        *self.settles_in_flight.entry(presence_id).or_default() += 1;
         self.spawn_db(
             ctx,
             async move {
@@ -536,28 +559,50 @@ impl Handler<Settle> for Drain {
                 .map_err(|e| e.to_string())
             }
             .into_actor(self)
-            .map(move |result, act, ctx| match result {
-                Ok(rows) if !rows.is_empty() => {
-                    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-                    if is_nack {
-                        act.forget(&ids);
-                        act.drain(ctx);
-                        if !delay.is_zero() {
-                            ctx.run_later(delay, |act, ctx| act.drain(ctx));
-                        }
-                    } else if let Some(c) = act.conns.get_mut(&presence_id) {
-                        let until =
-                            Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default();
-                        for id in ids {
-                            if let Some(e) = c.in_flight.get_mut(&id) {
-                                *e = until;
-                            }
+            .map(move |result, act, ctx| {
+                if let Some(n) = act.settles_in_flight.get_mut(&presence_id) {
+                    *n -= 1;
+                    if *n == 0 {
+                        act.settles_in_flight.remove(&presence_id);
+                    }
+                }
+                act.settled(ctx, result, presence_id, is_nack, delay, lease)
+            }),
+        );
+    }
+}
+
+impl Drain {
+    /// A nack or in_progress was recorded: forget or extend the slots.
+    fn settled(
+        &mut self,
+        ctx: &mut Context<Self>,
+        result: Result<Vec<queries::Touched>, String>,
+        presence_id: Uuid,
+        is_nack: bool,
+        delay: Duration,
+        lease: Duration,
+    ) {
+        match result {
+            Ok(rows) if !rows.is_empty() => {
+                let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+                if is_nack {
+                    self.forget(&ids);
+                    self.drain(ctx);
+                    if !delay.is_zero() {
+                        ctx.run_later(delay, |act, ctx| act.drain(ctx));
+                    }
+                } else if let Some(c) = self.conns.get_mut(&presence_id) {
+                    let until = Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default();
+                    for id in ids {
+                        if let Some(e) = c.in_flight.get_mut(&id) {
+                            *e = until;
                         }
                     }
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "nack/in_progress not recorded"),
-            }),
-        );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "nack/in_progress not recorded"),
+        }
     }
 }

@@ -1136,3 +1136,56 @@ async fn a_connection_without_hello_is_closed_after_the_hello_timeout() {
         "{text}"
     );
 }
+
+/// A flood of acks, nacks and in_progress frames for deliveries the client
+/// never got: more than `max_in_flight` settling queries of one connection
+/// at once are dropped and counted, and real traffic goes on.
+#[actix_web::test]
+async fn a_flood_of_settling_frames_is_capped_and_counted() {
+    let env = TestEnv::start_with(|c| {
+        c.delivery.max_in_flight = 2;
+        c.database.pool_size = 2;
+    })
+    .await;
+    let a = env.member("alice").await;
+    let b = env.member("bob").await;
+    let mut ac = env.connect(&a).await;
+    let mut bc = env.connect(&b).await;
+    for i in 0..600 {
+        let id = uuid::Uuid::new_v4();
+        let frame = match i % 3 {
+            0 => json!({"type": "client_ack", "brokerMessageId": id}),
+            1 => json!({"type": "nack", "brokerMessageId": id}),
+            _ => json!({"type": "in_progress", "brokerMessageId": id}),
+        };
+        bc.send_json(&frame).await.must();
+    }
+    env.wait_metric(
+        "meshbroker_frames_rejected_total",
+        &[("reason", "settle_overflow")],
+        |v| v > 0.0,
+    )
+    .await;
+    // The flood changed nothing, and a real delivery and its ack still work.
+    let ack = ac
+        .send_message(&b.pubkey(), "after the flood", "now", None)
+        .await
+        .must();
+    let push = bc
+        .expect_where("the real push", WAIT, |f| {
+            f["type"] == "push" && !client::is_system_push(f)
+        })
+        .await
+        .must();
+    assert_eq!(push["messageId"], ack["messageId"]);
+    bc.ack(&push).await.must();
+    env.wait_rows(
+        &format!(
+            "SELECT delivered_at FROM mesh.message_queue WHERE message_id = '{}'::uuid",
+            ack["messageId"].as_str().unwrap()
+        ),
+        "the real ack recorded",
+        |r| !r.is_empty() && !r[0]["delivered_at"].is_null(),
+    )
+    .await;
+}
