@@ -142,20 +142,7 @@ pub async fn requeue(
     selection: &Selection,
 ) -> Result<Requeued, DeadLetterError> {
     ensure_mesh(conn, mesh_id).await?;
-    let sql = "UPDATE mesh.message_queue q
-                  SET dead_at = NULL, dead_reason = NULL, attempts = 0, not_before = '-infinity',
-                      claimed_at = NULL, claim_id = NULL, claim_expires_at = NULL,
-                      claim_presence_id = NULL, claim_node_id = NULL
-                WHERE q.id IN (
-                      SELECT id FROM mesh.message_queue
-                       WHERE mesh_id = $1 AND dead_at IS NOT NULL AND delivered_at IS NULL
-                         AND expires_at > now()
-                         AND ($2::int8[] IS NULL OR id = ANY($2))
-                         AND ($3::float8 IS NULL OR dead_at < now() - make_interval(secs => $3))
-                       ORDER BY id
-                       LIMIT $4 FOR UPDATE)
-               RETURNING q.id, q.message_id";
-    let mut rows = run_selected(conn, mesh_id, selection, sql, true).await?;
+    let mut rows = run_selected(conn, mesh_id, selection, Action::Requeue).await?;
     rows.sort_unstable();
     Ok(Requeued {
         requeued: rows.len(),
@@ -172,16 +159,7 @@ pub async fn purge(
     selection: &Selection,
 ) -> Result<Purged, DeadLetterError> {
     ensure_mesh(conn, mesh_id).await?;
-    let sql = "DELETE FROM mesh.message_queue q
-                WHERE q.id IN (
-                      SELECT id FROM mesh.message_queue
-                       WHERE mesh_id = $1 AND dead_at IS NOT NULL AND delivered_at IS NULL
-                         AND ($2::int8[] IS NULL OR id = ANY($2))
-                         AND ($3::float8 IS NULL OR dead_at < now() - make_interval(secs => $3))
-                       ORDER BY id
-                       LIMIT $4 FOR UPDATE)
-               RETURNING q.id, q.message_id";
-    let mut rows = run_selected(conn, mesh_id, selection, sql, false).await?;
+    let mut rows = run_selected(conn, mesh_id, selection, Action::Purge).await?;
     rows.sort_unstable();
     let mut messages: Vec<Uuid> = rows.iter().map(|(_, m)| *m).collect();
     messages.sort_unstable();
@@ -197,19 +175,57 @@ pub async fn purge(
     })
 }
 
-/// Runs `sql` (binds: mesh, ids or NULL, older-than seconds or NULL,
-/// limit) over the selection: ids in one transaction that fails unless
-/// every id matched; otherwise batch after batch until one comes back short.
+/// What to do with the selected dead letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// Eligible again: `dead_at`, the reason, the attempt count and any
+    /// lease cleared, no delay. Expired ones are left to the janitor.
+    Requeue,
+    Purge,
+}
+
+impl Action {
+    /// The statement over one batch of the selection (binds: mesh, ids or
+    /// NULL, older-than seconds or NULL, limit).
+    fn sql(self) -> String {
+        let (statement, unexpired) = match self {
+            Action::Requeue => (
+                "UPDATE mesh.message_queue q
+                    SET dead_at = NULL, dead_reason = NULL, attempts = 0, not_before = '-infinity',
+                        claimed_at = NULL, claim_id = NULL, claim_expires_at = NULL,
+                        claim_presence_id = NULL, claim_node_id = NULL",
+                "AND expires_at > now()",
+            ),
+            Action::Purge => ("DELETE FROM mesh.message_queue q", ""),
+        };
+        format!(
+            "{statement}
+              WHERE q.id IN (
+                    SELECT id FROM mesh.message_queue
+                     WHERE mesh_id = $1 AND dead_at IS NOT NULL AND delivered_at IS NULL
+                       {unexpired}
+                       AND ($2::int8[] IS NULL OR id = ANY($2))
+                       AND ($3::float8 IS NULL OR dead_at < now() - make_interval(secs => $3))
+                     ORDER BY id
+                     LIMIT $4 FOR UPDATE)
+             RETURNING q.id, q.message_id"
+        )
+    }
+}
+
+/// Runs `action` over the selection: ids in one transaction that fails
+/// unless every id matched; otherwise batch after batch until one comes
+/// back short.
 async fn run_selected(
     conn: &mut AsyncPgConnection,
     mesh_id: MeshId,
     selection: &Selection,
-    sql: &'static str,
-    requeue: bool,
+    action: Action,
 ) -> Result<Vec<(i64, Uuid)>, DeadLetterError> {
     let older_than = selection.older_than.map(|d| d.as_secs_f64());
+    let sql = action.sql();
     let statement = |ids: Option<Vec<i64>>, limit: i64| {
-        diesel::sql_query(sql)
+        diesel::sql_query(sql.clone())
             .bind::<SqlUuid, _>(mesh_id.0)
             .bind::<Nullable<Array<Int8>>, _>(ids)
             .bind::<Nullable<Double>, _>(older_than)
@@ -232,7 +248,7 @@ async fn run_selected(
                     return Err(DeadLetterError::NotFound {
                         mesh_id,
                         ids: missing,
-                        requeue,
+                        requeue: action == Action::Requeue,
                     });
                 }
                 Ok(rows.into_iter().map(|r| (r.id, r.message_id)).collect())

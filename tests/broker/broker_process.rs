@@ -189,6 +189,20 @@ impl BrokerProcess {
     }
 }
 
+/// Runs `meshbroker --config <config> <args…>` to completion (off the
+/// runtime's thread), without any `MESHBROKER_DATABASE_URL` of our own.
+pub async fn run_cli(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("MESHBROKER_DATABASE_URL");
+    tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("run meshbroker {args:?}: {e}"))
+}
+
 pub async fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {

@@ -221,7 +221,7 @@ async fn ready_status(http_url: &str) -> Option<u16> {
 
 /// The broker's delivery counters, for the figures.
 async fn broker_counters(http_url: &str) -> String {
-    let (_, text) = http_get(&format!("{http_url}/metrics")).await;
+    let text = metrics_at(http_url).await;
     [
         ("claimed", "meshbroker_deliveries_claimed_total"),
         ("pushed", "meshbroker_deliveries_pushed_total"),

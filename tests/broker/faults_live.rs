@@ -3,7 +3,6 @@
 //! while connected. Each test sends a known set of messages, checks every
 //! accepted one was pushed and acked, and prints one `FIGURES` line.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use meshbroker::client::{self, hello_frame, now_ms, session_hello_frame, Connection, Event};
@@ -15,9 +14,7 @@ use crate::support::*;
 
 /// `GET /metrics` of a broker process: the sum of `name{labels}`.
 async fn process_metric(p: &BrokerProcess, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let (status, body) = http_get(&format!("{}/metrics", p.http_url)).await;
-    assert_eq!(status, 200, "GET /metrics: {body}");
-    metric(&body, name, labels)
+    metric(&metrics_at(&p.http_url).await, name, labels)
 }
 
 /// Polls a process metric until `pred` holds; panics with the broker log
@@ -29,19 +26,10 @@ async fn wait_process_metric(
     timeout: Duration,
     pred: impl Fn(f64) -> bool,
 ) -> f64 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let v = process_metric(p, name, labels).await;
-        if pred(v) {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting on {name}{labels:?} (now {v}); broker log:\n{}",
-            p.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_metric_at(&p.http_url, name, labels, timeout, pred, |_| {
+        format!("broker log:\n{}", p.log())
+    })
+    .await
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -494,27 +482,16 @@ async fn revoking_a_connected_member_closes_it_and_keeps_its_queue() {
     .await;
 
     // Revoke him with the real CLI, from another process.
-    let args: Vec<String> = vec![
-        "--config".into(),
-        p.config_path.display().to_string(),
-        "member".into(),
-        "revoke".into(),
-        "--mesh".into(),
-        env.mesh_id.to_string(),
-        "--pubkey".into(),
-        bob.pubkey(),
-        "--json".into(),
-    ];
+    let mesh = env.mesh_id.to_string();
+    let pubkey = bob.pubkey();
     let cli_started = Instant::now();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(BIN)
-            .args(&args)
-            .env_remove("MESHBROKER_DATABASE_URL")
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("run meshbroker member revoke");
+    let out = run_cli(
+        &p.config_path,
+        &[
+            "member", "revoke", "--mesh", &mesh, "--pubkey", &pubkey, "--json",
+        ],
+    )
+    .await;
     let revoked = Instant::now();
     let cli_time = revoked - cli_started;
     assert!(

@@ -2,7 +2,6 @@
 //! keeps the rest; the tables level off under steady traffic; the
 //! `dead-letters` commands, through the real executable.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use diesel_async::RunQueryDsl;
@@ -459,16 +458,10 @@ async fn the_janitor_is_restarted_after_a_failure_and_still_deletes() {
 
 /// `meshbroker --config <file> dead-letters …`; returns (success, stdout, stderr).
 async fn cli(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("--config")
-        .arg(config)
-        .arg("dead-letters")
-        .args(args)
-        .env_remove("MESHBROKER_DATABASE_URL");
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .unwrap()
-        .expect("run meshbroker dead-letters");
+    let args: Vec<&str> = std::iter::once("dead-letters")
+        .chain(args.iter().copied())
+        .collect();
+    let out = run_cli(config, &args).await;
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

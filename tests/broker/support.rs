@@ -423,9 +423,7 @@ impl TestEnv {
 
     /// The text of `GET /metrics`.
     pub async fn metrics(&self) -> String {
-        let (status, body) = http_get(&format!("{}/metrics", self.http_url)).await;
-        assert_eq!(status, 200, "GET /metrics: {body}");
-        body
+        metrics_at(&self.http_url).await
     }
 
     /// Polls `/metrics` until the sum of `name{labels}` satisfies `pred`.
@@ -435,18 +433,44 @@ impl TestEnv {
         labels: &[(&str, &str)],
         pred: impl Fn(f64) -> bool,
     ) -> f64 {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let text = self.metrics().await;
-            let v = metric(&text, name, labels);
-            if pred(v) {
-                return v;
-            }
-            if tokio::time::Instant::now() > deadline {
-                panic!("timed out waiting on metric {name}{labels:?} (now {v}); metrics:\n{text}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        wait_metric_at(&self.http_url, name, labels, WAIT, pred, |text| {
+            format!("metrics:\n{text}")
+        })
+        .await
+    }
+}
+
+/// The text of `GET <http_url>/metrics` (an in-process broker or a process).
+pub async fn metrics_at(http_url: &str) -> String {
+    let (status, body) = http_get(&format!("{http_url}/metrics")).await;
+    assert_eq!(status, 200, "GET /metrics: {body}");
+    body
+}
+
+/// Polls `<http_url>/metrics` until the sum of `name{labels}` satisfies
+/// `pred`; after `timeout` panics with `explain(last metrics text)`.
+pub async fn wait_metric_at(
+    http_url: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+    timeout: Duration,
+    pred: impl Fn(f64) -> bool,
+    explain: impl Fn(&str) -> String,
+) -> f64 {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let text = metrics_at(http_url).await;
+        let v = metric(&text, name, labels);
+        if pred(v) {
+            return v;
         }
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "timed out after {timeout:?} waiting on metric {name}{labels:?} (now {v}); {}",
+                explain(&text)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
