@@ -7,7 +7,7 @@
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{
-    Array, Bool, Double, Int4, Int8, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid,
+    Bool, Double, Int4, Int8, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid,
 };
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use serde_json::Value;
@@ -915,22 +915,4 @@ pub async fn queue_depth(conn: &mut Conn) -> QueryResult<QueueDepth> {
         claimed: row.claimed,
         dead: row.dead,
     })
-}
-
-/// Ids of members with undelivered, unclaimed deliveries among `members`
-/// (used to wake drains after a restart or a reclaim).
-pub async fn members_with_pending(conn: &mut Conn, members: &[Uuid]) -> QueryResult<Vec<Uuid>> {
-    #[derive(QueryableByName)]
-    struct Row {
-        #[diesel(sql_type = SqlUuid)]
-        id: Uuid,
-    }
-    let rows: Vec<Row> = diesel::sql_query(
-        "SELECT DISTINCT recipient_member_id AS id FROM mesh.message_queue
-          WHERE recipient_member_id = ANY($1) AND delivered_at IS NULL AND dead_at IS NULL",
-    )
-    .bind::<Array<SqlUuid>, _>(members)
-    .load(conn)
-    .await?;
-    Ok(rows.into_iter().map(|r| r.id).collect())
 }
