@@ -1,0 +1,26 @@
+//! Every query the broker runs while serving, one small function each.
+//!
+//! The queue queries are written in SQL (claim, ack, sweep): they are the
+//! heart of the broker, and `UPDATE … FROM (SELECT … FOR UPDATE SKIP LOCKED)`
+//! reads best as the SQL it is. Everything else uses the diesel DSL.
+//!
+//! One file per section; everything is re-exported here, so callers write
+//! `crate::db::queries::x` whichever file `x` lives in.
+
+mod members;
+mod messages;
+mod presence;
+mod queue;
+mod sweep;
+
+pub use members::*;
+pub use messages::*;
+pub use presence::*;
+pub use queue::*;
+pub use sweep::*;
+
+type Conn = diesel_async::AsyncPgConnection;
+
+fn secs(d: std::time::Duration) -> f64 {
+    d.as_secs_f64()
+}

@@ -1,0 +1,246 @@
+//! Delivery: claim, ack, nack, lease extension and the releases.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{
+    Bool, Double, Int4, Int8, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid,
+};
+use diesel_async::RunQueryDsl;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::{secs, Conn};
+use crate::db::schema::mesh::message_queue;
+
+/// A delivery claimed for one connection, with what its push needs.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct Claimed {
+    #[diesel(sql_type = Int8)]
+    pub id: i64,
+    #[diesel(sql_type = SqlUuid)]
+    pub claim_id: Uuid,
+    #[diesel(sql_type = Int4)]
+    pub attempts: i32,
+    #[diesel(sql_type = Timestamptz)]
+    pub created_at: DateTime<Utc>,
+    #[diesel(sql_type = Timestamptz)]
+    pub claim_expires_at: DateTime<Utc>,
+    #[diesel(sql_type = SqlUuid)]
+    pub message_id: Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    pub mesh_id: Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    pub sender_member_id: Uuid,
+    #[diesel(sql_type = Text)]
+    pub sender_member_pubkey: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub sender_session_pubkey: Option<String>,
+    #[diesel(sql_type = Text)]
+    pub sender_name: String,
+    #[diesel(sql_type = Text)]
+    pub target_spec: String,
+    #[diesel(sql_type = Text)]
+    pub priority: String,
+    #[diesel(sql_type = Text)]
+    pub nonce: String,
+    #[diesel(sql_type = Text)]
+    pub ciphertext: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub reply_to_id: Option<String>,
+    #[diesel(sql_type = Nullable<Jsonb>)]
+    pub mentions: Option<Value>,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub client_message_id: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub request_fingerprint: Option<String>,
+}
+
+/// What one claim may take.
+#[derive(Debug, Clone)]
+pub struct ClaimSpec<'a> {
+    pub member_id: Uuid,
+    pub presence_id: Uuid,
+    /// The connection's key: deliveries addressed to exactly this key.
+    pub key: &'a str,
+    /// Whether this connection also takes the member's unkeyed deliveries.
+    pub member_wide: bool,
+    pub limit: i64,
+    pub lease: std::time::Duration,
+    pub node_id: Uuid,
+    pub max_attempts: i32,
+}
+
+/// Claims up to `limit` deliveries for one connection, oldest first, in one
+/// statement: rows locked by another claimer are skipped, leases run out
+/// are taken over, and the status gate is read from the connection's
+/// presence row.
+pub async fn claim(conn: &mut Conn, spec: &ClaimSpec<'_>) -> QueryResult<Vec<Claimed>> {
+    let mut rows: Vec<Claimed> = diesel::sql_query(
+        "WITH picked AS (
+            SELECT q.id FROM mesh.message_queue q
+            WHERE q.recipient_member_id = $1
+              AND q.delivered_at IS NULL AND q.dead_at IS NULL
+              AND (q.claim_expires_at IS NULL OR q.claim_expires_at <= now())
+              AND q.not_before <= now()
+              AND q.expires_at > now()
+              AND q.attempts < $8
+              AND NOT EXISTS (SELECT 1 FROM mesh.member r WHERE r.id = $1 AND r.revoked_at IS NOT NULL)
+              AND ((q.recipient_key IS NULL AND $4) OR q.recipient_key = $3)
+              AND (q.priority = 'now' OR EXISTS (
+                    SELECT 1 FROM mesh.presence p WHERE p.id = $2 AND p.status = 'idle'))
+            ORDER BY q.created_at, q.id
+            LIMIT $5
+            FOR UPDATE OF q SKIP LOCKED
+         )
+         UPDATE mesh.message_queue q
+            SET claimed_at = now(), claim_id = gen_random_uuid(),
+                claim_expires_at = now() + make_interval(secs => $6),
+                claim_presence_id = $2, claim_node_id = $7, attempts = q.attempts + 1
+           FROM picked, mesh.message m, mesh.member s
+          WHERE q.id = picked.id AND m.id = q.message_id AND s.id = m.sender_member_id
+         RETURNING q.id, q.claim_id, q.attempts, q.created_at, q.claim_expires_at,
+                   m.id AS message_id, m.mesh_id, m.sender_member_id,
+                   s.pubkey AS sender_member_pubkey, m.sender_session_pubkey, m.sender_name,
+                   m.target_spec, m.priority, m.nonce, m.ciphertext, m.reply_to_id,
+                   m.mentions, m.client_message_id, m.request_fingerprint",
+    )
+    .bind::<SqlUuid, _>(spec.member_id)
+    .bind::<SqlUuid, _>(spec.presence_id)
+    .bind::<Text, _>(spec.key)
+    .bind::<Bool, _>(spec.member_wide)
+    .bind::<Int8, _>(spec.limit)
+    .bind::<Double, _>(secs(spec.lease))
+    .bind::<SqlUuid, _>(spec.node_id)
+    .bind::<Int4, _>(spec.max_attempts)
+    .load(conn)
+    .await?;
+    rows.sort_by_key(|r| (r.created_at, r.id));
+    Ok(rows)
+}
+
+/// A delivery a `client_ack` marked delivered.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct Acked {
+    #[diesel(sql_type = Int8)]
+    pub id: i64,
+    #[diesel(sql_type = Timestamptz)]
+    pub created_at: DateTime<Utc>,
+}
+
+/// Marks delivered the asker's deliveries of one message, named by broker
+/// message id (which wins) or client message id. Only deliveries addressed
+/// to this member, unkeyed or keyed to this connection, are touched.
+pub async fn ack(
+    conn: &mut Conn,
+    member_id: Uuid,
+    key: &str,
+    broker_message_id: Option<Uuid>,
+    client_message_id: Option<&str>,
+) -> QueryResult<Vec<Acked>> {
+    diesel::sql_query(
+        "UPDATE mesh.message_queue q SET delivered_at = now()
+           FROM mesh.message m
+          WHERE m.id = q.message_id
+            AND q.recipient_member_id = $1
+            AND (q.recipient_key IS NULL OR q.recipient_key = $2)
+            AND q.delivered_at IS NULL
+            AND CASE WHEN $3::uuid IS NOT NULL THEN m.id = $3
+                     ELSE (m.client_message_id = $4 OR m.id::text = $4) END
+         RETURNING q.id, q.created_at",
+    )
+    .bind::<SqlUuid, _>(member_id)
+    .bind::<Text, _>(key)
+    .bind::<Nullable<SqlUuid>, _>(broker_message_id)
+    .bind::<Nullable<Text>, _>(client_message_id)
+    .load(conn)
+    .await
+}
+
+/// A delivery given back (nack) or whose lease was extended (in_progress).
+#[derive(Debug, Clone, QueryableByName)]
+pub struct Touched {
+    #[diesel(sql_type = Int8)]
+    pub id: i64,
+}
+
+/// Gives back the asker's claim on a message: eligible again after `delay`.
+pub async fn nack(
+    conn: &mut Conn,
+    presence_id: Uuid,
+    message_id: Uuid,
+    delay: std::time::Duration,
+) -> QueryResult<Vec<Touched>> {
+    diesel::sql_query(
+        "UPDATE mesh.message_queue SET claimed_at = NULL, claim_id = NULL, claim_expires_at = NULL,
+                claim_presence_id = NULL, claim_node_id = NULL,
+                not_before = now() + make_interval(secs => $3)
+          WHERE claim_presence_id = $1 AND message_id = $2 AND delivered_at IS NULL
+         RETURNING id",
+    )
+    .bind::<SqlUuid, _>(presence_id)
+    .bind::<SqlUuid, _>(message_id)
+    .bind::<Double, _>(secs(delay))
+    .load(conn)
+    .await
+}
+
+/// Extends the asker's live claim on a message by another lease.
+pub async fn extend_lease(
+    conn: &mut Conn,
+    presence_id: Uuid,
+    message_id: Uuid,
+    lease: std::time::Duration,
+) -> QueryResult<Vec<Touched>> {
+    diesel::sql_query(
+        "UPDATE mesh.message_queue SET claim_expires_at = now() + make_interval(secs => $3)
+          WHERE claim_presence_id = $1 AND message_id = $2 AND delivered_at IS NULL
+            AND claim_expires_at > now()
+         RETURNING id",
+    )
+    .bind::<SqlUuid, _>(presence_id)
+    .bind::<SqlUuid, _>(message_id)
+    .bind::<Double, _>(secs(lease))
+    .load(conn)
+    .await
+}
+
+/// Releases every unacked claim one connection holds (it closed).
+pub async fn release_presence_claims(conn: &mut Conn, presence_id: Uuid) -> QueryResult<usize> {
+    diesel::update(
+        message_queue::table
+            .filter(message_queue::claim_presence_id.eq(presence_id))
+            .filter(message_queue::delivered_at.is_null()),
+    )
+    .set(release())
+    .execute(conn)
+    .await
+}
+
+/// Releases every unacked claim this broker process holds (shutdown).
+pub async fn release_node_claims(conn: &mut Conn, node_id: Uuid) -> QueryResult<usize> {
+    diesel::update(
+        message_queue::table
+            .filter(message_queue::claim_node_id.eq(node_id))
+            .filter(message_queue::delivered_at.is_null()),
+    )
+    .set(release())
+    .execute(conn)
+    .await
+}
+
+#[allow(clippy::type_complexity)]
+fn release() -> (
+    diesel::dsl::Eq<message_queue::claimed_at, Option<DateTime<Utc>>>,
+    diesel::dsl::Eq<message_queue::claim_id, Option<Uuid>>,
+    diesel::dsl::Eq<message_queue::claim_expires_at, Option<DateTime<Utc>>>,
+    diesel::dsl::Eq<message_queue::claim_presence_id, Option<Uuid>>,
+    diesel::dsl::Eq<message_queue::claim_node_id, Option<Uuid>>,
+) {
+    (
+        message_queue::claimed_at.eq(None),
+        message_queue::claim_id.eq(None),
+        message_queue::claim_expires_at.eq(None),
+        message_queue::claim_presence_id.eq(None),
+        message_queue::claim_node_id.eq(None),
+    )
+}

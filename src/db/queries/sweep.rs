@@ -1,0 +1,191 @@
+//! The sweeper's queries: dead letters, expired leases, grace windows,
+//! stale presence, old hellos, idempotency windows, revocations, and the
+//! queue depth `/metrics` reads.
+
+use chrono::Utc;
+use diesel::prelude::*;
+use diesel::sql_types::{Double, Int4, Int8, Nullable, Text, Uuid as SqlUuid};
+use diesel_async::RunQueryDsl;
+use uuid::Uuid;
+
+use super::{secs, Conn};
+use crate::db::schema::mesh::{hello_seen, member, presence};
+use crate::metrics::QueueDepth;
+
+/// A lease the sweeper cleared, or a delivery it dead-lettered.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct Swept {
+    #[diesel(sql_type = Int8)]
+    pub id: i64,
+    #[diesel(sql_type = SqlUuid)]
+    pub recipient_member_id: Uuid,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    pub claim_presence_id: Option<Uuid>,
+}
+
+/// Dead-letters deliveries that used up their attempts and are not under a
+/// live lease. Bounded by `batch`.
+pub async fn dead_letter(
+    conn: &mut Conn,
+    max_attempts: i32,
+    batch: i64,
+) -> QueryResult<Vec<Swept>> {
+    diesel::sql_query(
+        "UPDATE mesh.message_queue q
+            SET dead_at = now(), dead_reason = 'max_attempts', claim_presence_id = NULL,
+                claimed_at = NULL, claim_id = NULL, claim_expires_at = NULL, claim_node_id = NULL
+          WHERE q.id IN (
+                SELECT id FROM mesh.message_queue
+                 WHERE delivered_at IS NULL AND dead_at IS NULL AND attempts >= $1
+                   AND (claim_expires_at IS NULL OR claim_expires_at <= now())
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)
+         RETURNING q.id, q.recipient_member_id, NULL::uuid AS claim_presence_id",
+    )
+    .bind::<Int4, _>(max_attempts)
+    .bind::<Int8, _>(batch)
+    .load(conn)
+    .await
+}
+
+/// Clears leases that ran out without an ack, so the deliveries are
+/// eligible again. Bounded by `batch`; returns who held them.
+pub async fn expire_leases(conn: &mut Conn, batch: i64) -> QueryResult<Vec<Swept>> {
+    diesel::sql_query(
+        "WITH expired AS (
+            SELECT id, claim_presence_id FROM mesh.message_queue
+             WHERE claim_expires_at <= now() AND delivered_at IS NULL AND dead_at IS NULL
+             LIMIT $1 FOR UPDATE SKIP LOCKED)
+         UPDATE mesh.message_queue q
+            SET claimed_at = NULL, claim_id = NULL, claim_expires_at = NULL,
+                claim_presence_id = NULL, claim_node_id = NULL
+           FROM expired
+          WHERE q.id = expired.id
+         RETURNING q.id, q.recipient_member_id, expired.claim_presence_id",
+    )
+    .bind::<Int8, _>(batch)
+    .load(conn)
+    .await
+}
+
+/// A closed connection whose grace window ended.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct GraceEnded {
+    #[diesel(sql_type = SqlUuid)]
+    pub id: Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    pub mesh_id: Uuid,
+    #[diesel(sql_type = SqlUuid)]
+    pub member_id: Uuid,
+    #[diesel(sql_type = Text)]
+    pub display_name: String,
+    #[diesel(sql_type = Text)]
+    pub pubkey: String,
+    #[diesel(sql_type = Text)]
+    pub role: String,
+}
+
+/// Ends grace windows that have passed; the caller announces `peer_left`.
+pub async fn end_grace(conn: &mut Conn) -> QueryResult<Vec<GraceEnded>> {
+    diesel::sql_query(
+        "UPDATE mesh.presence p SET grace_until = NULL
+           FROM mesh.member m
+          WHERE m.id = p.member_id AND p.grace_until <= now()
+         RETURNING p.id, p.mesh_id, p.member_id, p.display_name,
+                   COALESCE(p.session_pubkey, m.pubkey) AS pubkey, p.role",
+    )
+    .load(conn)
+    .await
+}
+
+/// Presence rows that claim to be connected but whose broker stopped
+/// refreshing them (it died): closed, so they stop counting as live.
+pub async fn reap_stale_presence(
+    conn: &mut Conn,
+    silent_for: std::time::Duration,
+) -> QueryResult<usize> {
+    let cutoff = Utc::now() - chrono::Duration::from_std(silent_for).unwrap_or_default();
+    diesel::update(
+        presence::table
+            .filter(presence::disconnected_at.is_null())
+            .filter(presence::last_seen_at.lt(cutoff)),
+    )
+    .set((
+        presence::disconnected_at.eq(diesel::dsl::now),
+        presence::grace_until.eq(diesel::dsl::now),
+    ))
+    .execute(conn)
+    .await
+}
+
+/// Forgets hello signatures older than the skew window (they would be
+/// refused `timestamp_skew` anyway).
+pub async fn forget_hellos(conn: &mut Conn, older_than: std::time::Duration) -> QueryResult<usize> {
+    let cutoff = Utc::now() - chrono::Duration::from_std(older_than).unwrap_or_default();
+    diesel::delete(hello_seen::table.filter(hello_seen::seen_at.lt(cutoff)))
+        .execute(conn)
+        .await
+}
+
+/// Frees idempotency keys whose window has closed, in a bounded batch.
+pub async fn close_dedupe_windows(
+    conn: &mut Conn,
+    window: std::time::Duration,
+    batch: i64,
+) -> QueryResult<usize> {
+    diesel::sql_query(
+        "UPDATE mesh.message SET dedupe_key = NULL
+          WHERE id IN (SELECT id FROM mesh.message
+                        WHERE dedupe_key IS NOT NULL AND created_at < now() - make_interval(secs => $1)
+                        LIMIT $2)",
+    )
+    .bind::<Double, _>(secs(window))
+    .bind::<Int8, _>(batch)
+    .execute(conn)
+    .await
+}
+
+/// Which of `members` (this broker's members with live connections) have
+/// been revoked since they said hello. A primary-key lookup per id, so the
+/// sweeper can ask every pass; bounded by `batch`.
+pub async fn revoked_among(
+    conn: &mut Conn,
+    members: &[Uuid],
+    batch: i64,
+) -> QueryResult<Vec<Uuid>> {
+    if members.is_empty() {
+        return Ok(Vec::new());
+    }
+    member::table
+        .filter(member::id.eq_any(members))
+        .filter(member::revoked_at.is_not_null())
+        .select(member::id)
+        .limit(batch)
+        .load(conn)
+        .await
+}
+
+/// Queue depth by state, for `/metrics`.
+pub async fn queue_depth(conn: &mut Conn) -> QueryResult<QueueDepth> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Int8)]
+        pending: i64,
+        #[diesel(sql_type = Int8)]
+        claimed: i64,
+        #[diesel(sql_type = Int8)]
+        dead: i64,
+    }
+    let row: Row = diesel::sql_query(
+        "SELECT count(*) FILTER (WHERE dead_at IS NULL AND (claim_expires_at IS NULL OR claim_expires_at <= now())) AS pending,
+                count(*) FILTER (WHERE dead_at IS NULL AND claim_expires_at > now()) AS claimed,
+                count(*) FILTER (WHERE dead_at IS NOT NULL) AS dead
+           FROM mesh.message_queue WHERE delivered_at IS NULL",
+    )
+    .get_result(conn)
+    .await?;
+    Ok(QueueDepth {
+        pending: row.pending,
+        claimed: row.claimed,
+        dead: row.dead,
+    })
+}
