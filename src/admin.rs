@@ -5,15 +5,13 @@
 //! as `--json`.
 
 use chrono::{DateTime, Utc};
-use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::AsyncPgConnection;
 use serde::Serialize;
-use uuid::Uuid;
 
 use crate::crypto;
+use crate::db::admin as db;
 use crate::db::queries::MemberRow;
-use crate::db::schema::mesh::{member, mesh};
 use crate::ids::{MemberId, MeshId};
 
 /// Names are 1 to this many characters (the schema's CHECK).
@@ -84,10 +82,7 @@ impl From<MemberRow> for Member {
 pub async fn create_mesh(conn: &mut AsyncPgConnection, name: &str) -> Result<Mesh, AdminError> {
     check_name("mesh", name)?;
     let id = MeshId::new();
-    diesel::insert_into(mesh::table)
-        .values((mesh::id.eq(id.0), mesh::name.eq(name)))
-        .execute(conn)
-        .await?;
+    db::insert_mesh(conn, id, name).await?;
     Ok(Mesh {
         id,
         name: name.to_owned(),
@@ -113,18 +108,9 @@ pub async fn add_member(
     };
     ensure_mesh(conn, mesh_id).await?;
     let id = MemberId::new();
-    let inserted = diesel::insert_into(member::table)
-        .values((
-            member::id.eq(id.0),
-            member::mesh_id.eq(mesh_id.0),
-            member::name.eq(name),
-            member::pubkey.eq(&pubkey),
-            member::admin.eq(admin),
-        ))
-        .execute(conn)
-        .await;
+    let inserted = db::insert_member(conn, id, mesh_id, name, &pubkey, admin).await;
     match inserted {
-        Ok(_) => Ok(NewMember {
+        Ok(()) => Ok(NewMember {
             id,
             mesh_id,
             name: name.to_owned(),
@@ -151,18 +137,7 @@ pub async fn revoke_member(
 ) -> Result<Member, AdminError> {
     let pubkey = normalize_pubkey(pubkey)?;
     ensure_mesh(conn, mesh_id).await?;
-    let row: Option<MemberRow> = diesel::update(
-        member::table
-            .filter(member::mesh_id.eq(mesh_id.0))
-            .filter(member::pubkey.eq(&pubkey)),
-    )
-    .set(member::revoked_at.eq(diesel::dsl::sql::<
-        diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>,
-    >("COALESCE(revoked_at, now())")))
-    .returning(MemberRow::as_returning())
-    .get_result(conn)
-    .await
-    .optional()?;
+    let row = db::set_member_revoked(conn, mesh_id, &pubkey).await?;
     row.map(Member::from)
         .ok_or(AdminError::MemberNotFound { mesh_id, pubkey })
 }
@@ -173,35 +148,16 @@ pub async fn list_members(
     mesh_id: MeshId,
 ) -> Result<Vec<Member>, AdminError> {
     ensure_mesh(conn, mesh_id).await?;
-    let rows: Vec<MemberRow> = member::table
-        .filter(member::mesh_id.eq(mesh_id.0))
-        .order((member::created_at, member::id))
-        .select(MemberRow::as_select())
-        .load(conn)
-        .await?;
+    let rows = db::members_of_mesh(conn, mesh_id).await?;
     Ok(rows.into_iter().map(Member::from).collect())
 }
 
 async fn ensure_mesh(conn: &mut AsyncPgConnection, mesh_id: MeshId) -> Result<(), AdminError> {
-    if mesh_exists(conn, mesh_id).await? {
+    if db::mesh_exists(conn, mesh_id).await? {
         Ok(())
     } else {
         Err(AdminError::MeshNotFound(mesh_id))
     }
-}
-
-/// Whether the mesh exists (the admin commands' first check).
-pub(crate) async fn mesh_exists(
-    conn: &mut AsyncPgConnection,
-    mesh_id: MeshId,
-) -> QueryResult<bool> {
-    let found: Option<Uuid> = mesh::table
-        .find(mesh_id.0)
-        .select(mesh::id)
-        .first(conn)
-        .await
-        .optional()?;
-    Ok(found.is_some())
 }
 
 fn check_name(what: &'static str, name: &str) -> Result<(), AdminError> {

@@ -5,6 +5,8 @@
 //! any database error to the protocol's `unavailable` (the database is the
 //! only thing that can make a well-formed request fail that way).
 
+pub mod admin;
+pub mod dead_letters;
 pub mod embedded;
 pub mod lifecycle;
 pub mod queries;
