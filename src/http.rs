@@ -15,6 +15,7 @@ use crate::actors::registry::{self, Registry};
 use crate::actors::session::WsSession;
 use crate::actors::{RateLimiter, Shared};
 use crate::db::{self, queries};
+use crate::ids::Status;
 use crate::metrics::PoolState;
 use crate::protocol::{bounds, check_text};
 
@@ -185,12 +186,12 @@ async fn hook_set_status(
             "invalid: expected {\"status\",\"session_id\"}",
         );
     };
-    if !matches!(hook.status.as_str(), "idle" | "working" | "dnd") {
+    let Some(status) = Status::parse(&hook.status) else {
         return fail(
             StatusCode::BAD_REQUEST,
             "invalid: status must be idle, working or dnd",
         );
-    }
+    };
     // Text the database cannot hold (U+0000) or longer than any hello may
     // set matches nothing; refusing it here keeps it from reading as a
     // database failure.
@@ -245,10 +246,10 @@ async fn hook_set_status(
     }
     let mut changed = Vec::new();
     for (presence_id, current) in &found {
-        if current == "dnd" {
+        if *current == Status::Dnd {
             continue;
         }
-        if queries::set_status(&mut conn, *presence_id, &hook.status)
+        if queries::set_status(&mut conn, *presence_id, status)
             .await
             .is_err()
         {

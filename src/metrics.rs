@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
+use crate::db::queries::QueueDepth;
 use crate::ids::Role;
 
 /// The actor kinds the metrics count, one label value each.
@@ -167,14 +168,6 @@ impl RetentionTable {
             RetentionTable::Presence => "presence",
         }
     }
-}
-
-/// Queue depth by state, read from the database at scrape time.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct QueueDepth {
-    pub pending: i64,
-    pub claimed: i64,
-    pub dead: i64,
 }
 
 /// Pool connections by state, read at scrape time.

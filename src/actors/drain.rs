@@ -345,7 +345,7 @@ fn push_frame(row: Claimed) -> Push {
         sender_member_pubkey: Some(row.sender_member_pubkey),
         sender_member_id: Some(row.sender_member_id.to_string()),
         sender_name: Some(row.sender_name),
-        priority: row.priority,
+        priority: row.priority.to_string(),
         nonce: row.nonce,
         ciphertext: row.ciphertext,
         created_at: protocol::iso(row.created_at),

@@ -33,14 +33,8 @@ pub struct Shared {
     pub send_limits: RateLimiter<uuid::Uuid>,
 }
 
-/// The key under which a connection receives deliveries addressed to it
-/// alone: its session pubkey, else its session id.
-pub fn connection_key(session_pubkey: Option<&str>, session_id: &str) -> String {
-    match session_pubkey {
-        Some(pk) if !pk.is_empty() => pk.to_owned(),
-        _ => format!("sid:{session_id}"),
-    }
-}
+// Defined below db, whose SQL form of the rule shares its `sid:` prefix.
+pub use crate::ids::connection_key;
 
 /// Token buckets keyed by `K`: `burst` tokens, refilled at `per_sec`.
 pub struct RateLimiter<K> {

@@ -377,7 +377,7 @@ impl Handler<GraceEnded> for Registry {
                 "createdAt": protocol::iso(chrono::Utc::now()),
                 "eventData": {"name": gone.display_name, "displayName": gone.display_name,
                               "pubkey": gone.pubkey,
-                              "peerRole": Role::parse(&gone.role).unwrap_or(Role::Session)},
+                              "peerRole": gone.role},
             });
             self.broadcast_system(gone.mesh_id, gone.member_id, &push.to_string());
         }

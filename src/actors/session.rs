@@ -22,7 +22,7 @@ use super::{connection_key, Shared};
 use crate::db::queries::{
     self, MemberRow, NewMessage, NewPresence, Opened, Recipient, SendOutcome,
 };
-use crate::ids::Role;
+use crate::ids::{Priority, Role, Status};
 use crate::metrics::ActorKind;
 use crate::protocol::{
     self, bounds, ClientFrame, DecodeError, ErrorFrame, Group, HelloAck, KickAck, MemberProfile,
@@ -262,7 +262,7 @@ impl WsSession {
                 member_id: member.id,
                 session_id: session_id.clone(),
                 session_pubkey: claims.session_pubkey.clone(),
-                role: claims.role.as_str().to_owned(),
+                role: claims.role,
                 display_name: display_name.clone(),
                 groups: serde_json::to_value(&info.groups).expect("groups serialize"),
                 pid: info.pid,
@@ -416,7 +416,7 @@ impl WsSession {
             }
             ClientFrame::ListPeers(l) => self.list_peers(l.roles, req_id, ctx),
             ClientFrame::SetStatus { status } => {
-                if !matches!(status.as_str(), "idle" | "working" | "dnd") {
+                let Some(status) = Status::parse(&status) else {
                     return Self::reject(
                         &self.shared.metrics,
                         ctx,
@@ -424,12 +424,12 @@ impl WsSession {
                         "status must be idle, working or dnd",
                         req_id,
                     );
-                }
+                };
                 let presence_id = ready.presence_id;
                 let registry = self.registry.clone();
                 self.write_presence(
                     ctx,
-                    async move |conn| queries::set_status(conn, presence_id, &status).await,
+                    async move |conn| queries::set_status(conn, presence_id, status).await,
                     move |_| {
                         registry.do_send(registry::Changed::Status { presence_id });
                     },
@@ -576,7 +576,11 @@ impl WsSession {
                     let peers = rows
                         .into_iter()
                         .filter(|r| r.visible || r.member_id == own_member)
-                        .filter(|r| roles.as_ref().is_none_or(|roles| roles.contains(&r.role)))
+                        .filter(|r| {
+                            roles
+                                .as_ref()
+                                .is_none_or(|roles| roles.iter().any(|x| x == r.role.as_str()))
+                        })
                         .map(|r| Peer {
                             pubkey: r
                                 .session_pubkey
@@ -584,13 +588,13 @@ impl WsSession {
                                 .unwrap_or_else(|| r.member_pubkey.clone()),
                             member_pubkey: r.member_pubkey,
                             display_name: r.display_name,
-                            status: r.status,
+                            status: r.status.to_string(),
                             summary: r.summary,
                             groups: serde_json::from_value(r.groups).unwrap_or_default(),
                             session_id: r.session_id,
                             connected_at: protocol::iso(r.connected_at),
                             cwd: r.cwd,
-                            peer_role: Role::parse(&r.role).unwrap_or(Role::Session),
+                            peer_role: r.role,
                             hostname: r.hostname,
                             peer_type: r.peer_type,
                             channel: r.channel,
@@ -705,10 +709,13 @@ impl WsSession {
         if !self.shared.send_limits.allow(&ready.member.id) {
             return refuse(ctx, metrics, "rate_limit", "too many sends, slow down");
         }
-        let priority = send.priority.clone().unwrap_or_else(|| "next".into());
-        if !matches!(priority.as_str(), "now" | "next" | "low") {
+        let Some(priority) = send
+            .priority
+            .as_deref()
+            .map_or(Some(Priority::Next), Priority::parse)
+        else {
             return refuse(ctx, metrics, "invalid", "priority must be now, next or low");
-        }
+        };
         let target = match Target::parse(&send.target_spec) {
             Ok(t) => t,
             Err(e) => return refuse(ctx, metrics, "invalid", &e),
@@ -744,7 +751,7 @@ impl WsSession {
             sender_session_pubkey: ready.session_pubkey.clone(),
             sender_name: ready.display_name.clone(),
             target_spec: send.target_spec.clone(),
-            priority: priority.clone(),
+            priority,
             nonce: send.nonce,
             ciphertext: send.ciphertext,
             reply_to_id: send.reply_to_id,
@@ -797,7 +804,7 @@ impl WsSession {
                     },
                     members,
                 )) => {
-                    metrics.message_accepted(&priority);
+                    metrics.message_accepted(priority.as_str());
                     Self::send_json(
                         ctx,
                         &SendAck::queued(id, message_id.to_string(), false, recipients),
@@ -903,7 +910,7 @@ impl Target {
                         // A control-plane connection with a session key is a
                         // CLI command's throwaway connection: nothing would
                         // ever collect a delivery keyed to it.
-                        .filter(|r| !(r.role == "control-plane" && r.session_pubkey.is_some()))
+                        .filter(|r| !(r.role == Role::ControlPlane && r.session_pubkey.is_some()))
                         .filter(|r| match self {
                             Target::Group(g) => {
                                 let groups: Vec<Group> =

@@ -12,6 +12,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use serde::Serialize;
 use uuid::Uuid;
 
+use super::rules::CLAIM_RESET;
 use crate::ids::MeshId;
 
 /// Rows one statement touches at most.
@@ -102,13 +103,14 @@ impl Action {
     fn sql(self) -> String {
         let (statement, unexpired) = match self {
             Action::Requeue => (
-                "UPDATE mesh.message_queue q
-                    SET dead_at = NULL, dead_reason = NULL, attempts = 0, not_before = '-infinity',
-                        claimed_at = NULL, claim_id = NULL, claim_expires_at = NULL,
-                        claim_presence_id = NULL, claim_node_id = NULL",
+                format!(
+                    "UPDATE mesh.message_queue q
+                        SET dead_at = NULL, dead_reason = NULL, attempts = 0,
+                            not_before = '-infinity', {CLAIM_RESET}"
+                ),
                 "AND expires_at > now()",
             ),
-            Action::Purge => ("DELETE FROM mesh.message_queue q", ""),
+            Action::Purge => ("DELETE FROM mesh.message_queue q".to_owned(), ""),
         };
         format!(
             "{statement}

@@ -23,6 +23,8 @@ use diesel::sql_types::{Array, Double, Int4, Int8, Nullable, Timestamptz, Uuid a
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use super::rules;
+
 type Conn = AsyncPgConnection;
 
 fn secs(d: std::time::Duration) -> f64 {
@@ -190,7 +192,7 @@ pub async fn delete_closed_presence(
     closed_for: std::time::Duration,
     batch: i64,
 ) -> QueryResult<usize> {
-    diesel::sql_query(
+    diesel::sql_query(format!(
         "DELETE FROM mesh.presence p
           WHERE p.id IN (
                 SELECT x.id FROM mesh.presence x
@@ -200,11 +202,11 @@ pub async fn delete_closed_presence(
                          SELECT 1 FROM mesh.message_queue q
                           WHERE q.recipient_member_id = x.member_id
                             AND q.delivered_at IS NULL AND q.dead_at IS NULL
-                            AND q.recipient_key = COALESCE(NULLIF(x.session_pubkey, ''),
-                                                           'sid:' || x.session_id))
+                            AND q.recipient_key = {key})
                  ORDER BY x.disconnected_at
                  LIMIT $2 FOR UPDATE SKIP LOCKED)",
-    )
+        key = rules::connection_key("x"),
+    ))
     .bind::<Double, _>(secs(closed_for))
     .bind::<Int8, _>(batch)
     .execute(conn)
@@ -226,20 +228,17 @@ pub async fn members_to_wake(
         #[diesel(sql_type = SqlUuid)]
         member_id: Uuid,
     }
-    let rows: Vec<Row> = diesel::sql_query(
+    let rows: Vec<Row> = diesel::sql_query(format!(
         "SELECT DISTINCT p.member_id FROM mesh.presence p
           WHERE p.disconnected_at IS NULL AND p.broker_node_id = $1
             AND EXISTS (
                   SELECT 1 FROM mesh.message_queue q
                    WHERE q.recipient_member_id = p.member_id
-                     AND q.delivered_at IS NULL AND q.dead_at IS NULL
-                     AND (q.claim_expires_at IS NULL OR q.claim_expires_at <= now())
-                     AND q.not_before <= now() AND q.expires_at > now()
-                     AND q.attempts < $2
-                     AND (q.recipient_key IS NULL
-                          OR q.recipient_key = COALESCE(NULLIF(p.session_pubkey, ''),
-                                                        'sid:' || p.session_id)))",
-    )
+                     AND {claimable}
+                     AND (q.recipient_key IS NULL OR q.recipient_key = {key}))",
+        claimable = rules::claimable("q", "$2"),
+        key = rules::connection_key("p"),
+    ))
     .bind::<SqlUuid, _>(node_id)
     .bind::<Int4, _>(max_attempts)
     .load(conn)

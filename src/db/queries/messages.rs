@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use super::Conn;
 use crate::db::schema::mesh::{member, message, message_queue};
+use crate::ids::Priority;
 
 #[derive(Debug, Clone, Insertable)]
 #[diesel(table_name = message)]
@@ -18,7 +19,7 @@ pub struct NewMessage {
     pub sender_session_pubkey: Option<String>,
     pub sender_name: String,
     pub target_spec: String,
-    pub priority: String,
+    pub priority: Priority,
     pub nonce: String,
     pub ciphertext: String,
     pub reply_to_id: Option<String>,
@@ -120,7 +121,7 @@ pub async fn store_message(
                         message_queue::mesh_id.eq(msg.mesh_id),
                         message_queue::recipient_member_id.eq(r.member_id),
                         message_queue::recipient_key.eq(r.key.clone()),
-                        message_queue::priority.eq(&msg.priority),
+                        message_queue::priority.eq(msg.priority),
                         message_queue::created_at.eq(created_at),
                         message_queue::expires_at.eq(msg.expires_at),
                     )

@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::Conn;
 use crate::db::schema::mesh::{member, presence};
+use crate::ids::{Role, Status};
 
 #[derive(Debug, Clone, Insertable)]
 #[diesel(table_name = presence)]
@@ -19,7 +20,7 @@ pub struct NewPresence {
     pub member_id: Uuid,
     pub session_id: String,
     pub session_pubkey: Option<String>,
-    pub role: String,
+    pub role: Role,
     pub display_name: String,
     pub groups: Value,
     pub pid: Option<i64>,
@@ -70,8 +71,8 @@ pub async fn open_presence(
         let in_grace = presence::table
             .filter(presence::mesh_id.eq(row.mesh_id))
             .filter(presence::grace_until.gt(diesel::dsl::now));
-        let taken: Vec<Uuid> = if row.role == "session" {
-            diesel::update(in_grace.filter(presence::role.eq("session")).filter(
+        let taken: Vec<Uuid> = if row.role == Role::Session {
+            diesel::update(in_grace.filter(presence::role.eq(Role::Session)).filter(
                 presence::session_pubkey.eq(row.session_pubkey.clone().unwrap_or_default()),
             ))
             .set(presence::grace_until.eq(None::<DateTime<Utc>>))
@@ -81,7 +82,7 @@ pub async fn open_presence(
         } else {
             diesel::update(
                 in_grace
-                    .filter(presence::role.ne("session"))
+                    .filter(presence::role.ne(Role::Session))
                     .filter(presence::member_id.eq(row.member_id))
                     .filter(presence::session_id.eq(&row.session_id)),
             )
@@ -119,7 +120,7 @@ pub async fn close_presence(
     Ok(())
 }
 
-pub async fn set_status(conn: &mut Conn, id: Uuid, status: &str) -> QueryResult<()> {
+pub async fn set_status(conn: &mut Conn, id: Uuid, status: Status) -> QueryResult<()> {
     diesel::update(presence::table.find(id))
         .set(presence::status.eq(status))
         .execute(conn)
@@ -166,9 +167,9 @@ pub struct PeerRow {
     pub member_pubkey: String,
     pub session_id: String,
     pub session_pubkey: Option<String>,
-    pub role: String,
+    pub role: Role,
     pub display_name: String,
-    pub status: String,
+    pub status: Status,
     pub summary: Option<String>,
     pub groups: Value,
     pub visible: bool,
@@ -229,7 +230,7 @@ pub async fn member_of_session(
         .filter(presence::mesh_id.eq(mesh_id))
         .filter(presence::session_pubkey.eq(key))
         .order((
-            presence::role.eq("session").desc(),
+            presence::role.eq(Role::Session).desc(),
             presence::connected_at.desc(),
         ))
         .select(presence::member_id)
@@ -250,7 +251,7 @@ pub async fn session_key_proven_by_other(
         presence::table
             .filter(presence::mesh_id.eq(mesh_id))
             .filter(presence::session_pubkey.eq(key))
-            .filter(presence::role.eq("session"))
+            .filter(presence::role.eq(Role::Session))
             .filter(presence::member_id.ne(member_id)),
     ))
     .get_result(conn)
@@ -261,10 +262,10 @@ pub async fn session_key_proven_by_other(
 pub async fn live_sessions_by_session_id(
     conn: &mut Conn,
     session_id: &str,
-) -> QueryResult<Vec<(Uuid, String)>> {
+) -> QueryResult<Vec<(Uuid, Status)>> {
     presence::table
         .filter(presence::session_id.eq(session_id))
-        .filter(presence::role.eq("session"))
+        .filter(presence::role.eq(Role::Session))
         .filter(presence::disconnected_at.is_null())
         .select((presence::id, presence::status))
         .load(conn)
@@ -276,9 +277,9 @@ pub async fn live_sessions_by_process(
     conn: &mut Conn,
     pid: Option<i64>,
     cwd: Option<&str>,
-) -> QueryResult<Vec<(Uuid, String)>> {
+) -> QueryResult<Vec<(Uuid, Status)>> {
     let mut q = presence::table
-        .filter(presence::role.eq("session"))
+        .filter(presence::role.eq(Role::Session))
         .filter(presence::disconnected_at.is_null())
         .select((presence::id, presence::status))
         .into_boxed();

@@ -9,8 +9,11 @@ use diesel_async::RunQueryDsl;
 use serde_json::Value;
 use uuid::Uuid;
 
+use std::sync::LazyLock;
+
 use super::{secs, Conn};
-use crate::db::schema::mesh::message_queue;
+use crate::db::rules::{claimable, CLAIM_RESET};
+use crate::ids::{Priority, Status};
 
 /// A delivery claimed for one connection, with what its push needs.
 #[derive(Debug, Clone, QueryableByName)]
@@ -40,7 +43,7 @@ pub struct Claimed {
     #[diesel(sql_type = Text)]
     pub target_spec: String,
     #[diesel(sql_type = Text)]
-    pub priority: String,
+    pub priority: Priority,
     #[diesel(sql_type = Text)]
     pub nonce: String,
     #[diesel(sql_type = Text)]
@@ -75,45 +78,48 @@ pub struct ClaimSpec<'a> {
 /// are taken over, and the status gate is read from the connection's
 /// presence row.
 pub async fn claim(conn: &mut Conn, spec: &ClaimSpec<'_>) -> QueryResult<Vec<Claimed>> {
-    let mut rows: Vec<Claimed> = diesel::sql_query(
-        "WITH picked AS (
-            SELECT q.id FROM mesh.message_queue q
-            WHERE q.recipient_member_id = $1
-              AND q.delivered_at IS NULL AND q.dead_at IS NULL
-              AND (q.claim_expires_at IS NULL OR q.claim_expires_at <= now())
-              AND q.not_before <= now()
-              AND q.expires_at > now()
-              AND q.attempts < $8
-              AND NOT EXISTS (SELECT 1 FROM mesh.member r WHERE r.id = $1 AND r.revoked_at IS NOT NULL)
-              AND ((q.recipient_key IS NULL AND $4) OR q.recipient_key = $3)
-              AND (q.priority = 'now' OR EXISTS (
-                    SELECT 1 FROM mesh.presence p WHERE p.id = $2 AND p.status = 'idle'))
-            ORDER BY q.created_at, q.id
-            LIMIT $5
-            FOR UPDATE OF q SKIP LOCKED
-         )
-         UPDATE mesh.message_queue q
-            SET claimed_at = now(), claim_id = gen_random_uuid(),
-                claim_expires_at = now() + make_interval(secs => $6),
-                claim_presence_id = $2, claim_node_id = $7, attempts = q.attempts + 1
-           FROM picked, mesh.message m, mesh.member s
-          WHERE q.id = picked.id AND m.id = q.message_id AND s.id = m.sender_member_id
-         RETURNING q.id, q.claim_id, q.attempts, q.created_at, q.claim_expires_at,
-                   m.id AS message_id, m.mesh_id, m.sender_member_id,
-                   s.pubkey AS sender_member_pubkey, m.sender_session_pubkey, m.sender_name,
-                   m.target_spec, m.priority, m.nonce, m.ciphertext, m.reply_to_id,
-                   m.mentions, m.client_message_id, m.request_fingerprint",
-    )
-    .bind::<SqlUuid, _>(spec.member_id)
-    .bind::<SqlUuid, _>(spec.presence_id)
-    .bind::<Text, _>(spec.key)
-    .bind::<Bool, _>(spec.member_wide)
-    .bind::<Int8, _>(spec.limit)
-    .bind::<Double, _>(secs(spec.lease))
-    .bind::<SqlUuid, _>(spec.node_id)
-    .bind::<Int4, _>(spec.max_attempts)
-    .load(conn)
-    .await?;
+    // Built once: the claim is the hottest statement.
+    static CLAIM: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH picked AS (
+                SELECT q.id FROM mesh.message_queue q
+                WHERE q.recipient_member_id = $1
+                  AND {claimable}
+                  AND NOT EXISTS (SELECT 1 FROM mesh.member r WHERE r.id = $1 AND r.revoked_at IS NOT NULL)
+                  AND ((q.recipient_key IS NULL AND $4) OR q.recipient_key = $3)
+                  AND (q.priority = '{now}' OR EXISTS (
+                        SELECT 1 FROM mesh.presence p WHERE p.id = $2 AND p.status = '{idle}'))
+                ORDER BY q.created_at, q.id
+                LIMIT $5
+                FOR UPDATE OF q SKIP LOCKED
+             )
+             UPDATE mesh.message_queue q
+                SET claimed_at = now(), claim_id = gen_random_uuid(),
+                    claim_expires_at = now() + make_interval(secs => $6),
+                    claim_presence_id = $2, claim_node_id = $7, attempts = q.attempts + 1
+               FROM picked, mesh.message m, mesh.member s
+              WHERE q.id = picked.id AND m.id = q.message_id AND s.id = m.sender_member_id
+             RETURNING q.id, q.claim_id, q.attempts, q.created_at, q.claim_expires_at,
+                       m.id AS message_id, m.mesh_id, m.sender_member_id,
+                       s.pubkey AS sender_member_pubkey, m.sender_session_pubkey, m.sender_name,
+                       m.target_spec, m.priority, m.nonce, m.ciphertext, m.reply_to_id,
+                       m.mentions, m.client_message_id, m.request_fingerprint",
+            claimable = claimable("q", "$8"),
+            now = Priority::Now.as_str(),
+            idle = Status::Idle.as_str(),
+        )
+    });
+    let mut rows: Vec<Claimed> = diesel::sql_query(CLAIM.as_str())
+        .bind::<SqlUuid, _>(spec.member_id)
+        .bind::<SqlUuid, _>(spec.presence_id)
+        .bind::<Text, _>(spec.key)
+        .bind::<Bool, _>(spec.member_wide)
+        .bind::<Int8, _>(spec.limit)
+        .bind::<Double, _>(secs(spec.lease))
+        .bind::<SqlUuid, _>(spec.node_id)
+        .bind::<Int4, _>(spec.max_attempts)
+        .load(conn)
+        .await?;
     rows.sort_by_key(|r| (r.created_at, r.id));
     Ok(rows)
 }
@@ -170,18 +176,20 @@ pub async fn nack(
     message_id: Uuid,
     delay: std::time::Duration,
 ) -> QueryResult<Vec<Touched>> {
-    diesel::sql_query(
-        "UPDATE mesh.message_queue SET claimed_at = NULL, claim_id = NULL, claim_expires_at = NULL,
-                claim_presence_id = NULL, claim_node_id = NULL,
-                not_before = now() + make_interval(secs => $3)
-          WHERE claim_presence_id = $1 AND message_id = $2 AND delivered_at IS NULL
-         RETURNING id",
-    )
-    .bind::<SqlUuid, _>(presence_id)
-    .bind::<SqlUuid, _>(message_id)
-    .bind::<Double, _>(secs(delay))
-    .load(conn)
-    .await
+    static NACK: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "UPDATE mesh.message_queue SET {CLAIM_RESET},
+                    not_before = now() + make_interval(secs => $3)
+              WHERE claim_presence_id = $1 AND message_id = $2 AND delivered_at IS NULL
+             RETURNING id"
+        )
+    });
+    diesel::sql_query(NACK.as_str())
+        .bind::<SqlUuid, _>(presence_id)
+        .bind::<SqlUuid, _>(message_id)
+        .bind::<Double, _>(secs(delay))
+        .load(conn)
+        .await
 }
 
 /// Extends the asker's live claim on a message by another lease.
@@ -206,41 +214,26 @@ pub async fn extend_lease(
 
 /// Releases every unacked claim one connection holds (it closed).
 pub async fn release_presence_claims(conn: &mut Conn, presence_id: Uuid) -> QueryResult<usize> {
-    diesel::update(
-        message_queue::table
-            .filter(message_queue::claim_presence_id.eq(presence_id))
-            .filter(message_queue::delivered_at.is_null()),
-    )
-    .set(release())
-    .execute(conn)
-    .await
+    static SQL: LazyLock<String> = LazyLock::new(|| release_where("claim_presence_id"));
+    diesel::sql_query(SQL.as_str())
+        .bind::<SqlUuid, _>(presence_id)
+        .execute(conn)
+        .await
 }
 
 /// Releases every unacked claim this broker process holds (shutdown).
 pub async fn release_node_claims(conn: &mut Conn, node_id: Uuid) -> QueryResult<usize> {
-    diesel::update(
-        message_queue::table
-            .filter(message_queue::claim_node_id.eq(node_id))
-            .filter(message_queue::delivered_at.is_null()),
-    )
-    .set(release())
-    .execute(conn)
-    .await
+    static SQL: LazyLock<String> = LazyLock::new(|| release_where("claim_node_id"));
+    diesel::sql_query(SQL.as_str())
+        .bind::<SqlUuid, _>(node_id)
+        .execute(conn)
+        .await
 }
 
-#[allow(clippy::type_complexity)]
-fn release() -> (
-    diesel::dsl::Eq<message_queue::claimed_at, Option<DateTime<Utc>>>,
-    diesel::dsl::Eq<message_queue::claim_id, Option<Uuid>>,
-    diesel::dsl::Eq<message_queue::claim_expires_at, Option<DateTime<Utc>>>,
-    diesel::dsl::Eq<message_queue::claim_presence_id, Option<Uuid>>,
-    diesel::dsl::Eq<message_queue::claim_node_id, Option<Uuid>>,
-) {
-    (
-        message_queue::claimed_at.eq(None),
-        message_queue::claim_id.eq(None),
-        message_queue::claim_expires_at.eq(None),
-        message_queue::claim_presence_id.eq(None),
-        message_queue::claim_node_id.eq(None),
+/// Clears every unacked claim whose `holder` column is `$1`.
+fn release_where(holder: &str) -> String {
+    format!(
+        "UPDATE mesh.message_queue SET {CLAIM_RESET}
+          WHERE {holder} = $1 AND delivered_at IS NULL"
     )
 }

@@ -9,8 +9,9 @@ use diesel_async::RunQueryDsl;
 use uuid::Uuid;
 
 use super::{secs, Conn};
+use crate::db::rules::CLAIM_RESET;
 use crate::db::schema::mesh::{hello_seen, member, presence};
-use crate::metrics::QueueDepth;
+use crate::ids::Role;
 
 /// A lease the sweeper cleared, or a delivery it dead-lettered.
 #[derive(Debug, Clone, QueryableByName)]
@@ -30,17 +31,16 @@ pub async fn dead_letter(
     max_attempts: i32,
     batch: i64,
 ) -> QueryResult<Vec<Swept>> {
-    diesel::sql_query(
+    diesel::sql_query(format!(
         "UPDATE mesh.message_queue q
-            SET dead_at = now(), dead_reason = 'max_attempts', claim_presence_id = NULL,
-                claimed_at = NULL, claim_id = NULL, claim_expires_at = NULL, claim_node_id = NULL
+            SET dead_at = now(), dead_reason = 'max_attempts', {CLAIM_RESET}
           WHERE q.id IN (
                 SELECT id FROM mesh.message_queue
                  WHERE delivered_at IS NULL AND dead_at IS NULL AND attempts >= $1
                    AND (claim_expires_at IS NULL OR claim_expires_at <= now())
                  LIMIT $2 FOR UPDATE SKIP LOCKED)
-         RETURNING q.id, q.recipient_member_id, NULL::uuid AS claim_presence_id",
-    )
+         RETURNING q.id, q.recipient_member_id, NULL::uuid AS claim_presence_id"
+    ))
     .bind::<Int4, _>(max_attempts)
     .bind::<Int8, _>(batch)
     .load(conn)
@@ -50,18 +50,17 @@ pub async fn dead_letter(
 /// Clears leases that ran out without an ack, so the deliveries are
 /// eligible again. Bounded by `batch`; returns who held them.
 pub async fn expire_leases(conn: &mut Conn, batch: i64) -> QueryResult<Vec<Swept>> {
-    diesel::sql_query(
+    diesel::sql_query(format!(
         "WITH expired AS (
             SELECT id, claim_presence_id FROM mesh.message_queue
              WHERE claim_expires_at <= now() AND delivered_at IS NULL AND dead_at IS NULL
              LIMIT $1 FOR UPDATE SKIP LOCKED)
          UPDATE mesh.message_queue q
-            SET claimed_at = NULL, claim_id = NULL, claim_expires_at = NULL,
-                claim_presence_id = NULL, claim_node_id = NULL
+            SET {CLAIM_RESET}
            FROM expired
           WHERE q.id = expired.id
-         RETURNING q.id, q.recipient_member_id, expired.claim_presence_id",
-    )
+         RETURNING q.id, q.recipient_member_id, expired.claim_presence_id"
+    ))
     .bind::<Int8, _>(batch)
     .load(conn)
     .await
@@ -81,7 +80,7 @@ pub struct GraceEnded {
     #[diesel(sql_type = Text)]
     pub pubkey: String,
     #[diesel(sql_type = Text)]
-    pub role: String,
+    pub role: Role,
 }
 
 /// Ends grace windows that have passed; the caller announces `peer_left`.
@@ -162,6 +161,14 @@ pub async fn revoked_among(
         .limit(batch)
         .load(conn)
         .await
+}
+
+/// Queue depth by state, read from the database at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueDepth {
+    pub pending: i64,
+    pub claimed: i64,
+    pub dead: i64,
 }
 
 /// Queue depth by state, for `/metrics`.
