@@ -101,11 +101,7 @@ where
 
 async fn health(state: web::Data<AppState>) -> HttpResponse {
     let db_up = match state.shared.pool.get().await {
-        Ok(mut conn) => {
-            diesel_async::RunQueryDsl::execute(diesel::sql_query("SELECT 1"), &mut *conn)
-                .await
-                .is_ok()
-        }
+        Ok(mut conn) => db::ping(&mut conn).await.is_ok(),
         Err(_) => false,
     };
     HttpResponse::Ok().json(json!({

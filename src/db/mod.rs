@@ -118,6 +118,12 @@ fn migrate_blocking(url: &str) -> Result<usize, DbError> {
     result
 }
 
+/// A round trip to the server (`/health`'s check).
+pub async fn ping(conn: &mut AsyncPgConnection) -> QueryResult<()> {
+    diesel::sql_query("SELECT 1").execute(conn).await?;
+    Ok(())
+}
+
 /// True when every embedded migration has been applied.
 pub async fn migrations_current(conn: &mut AsyncPgConnection) -> QueryResult<bool> {
     #[derive(QueryableByName)]

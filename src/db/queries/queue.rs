@@ -1,5 +1,7 @@
 //! Delivery: claim, ack, nack, lease extension and the releases.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{
@@ -8,8 +10,6 @@ use diesel::sql_types::{
 use diesel_async::RunQueryDsl;
 use serde_json::Value;
 use uuid::Uuid;
-
-use std::sync::LazyLock;
 
 use super::{secs, Conn};
 use crate::db::rules::{claimable, CLAIM_RESET};
