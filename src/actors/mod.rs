@@ -1,12 +1,18 @@
 //! The broker's actors and the state they share.
 //!
-//! - [`session::WsSession`]: one per WebSocket connection, tagged with its role.
-//! - [`registry::Registry`]: the presence registry; routes between sessions and drains.
+//! Listed in the order they depend on each other (each uses only those
+//! before it):
+//! - [`backlog`] / [`conn`]: a connection's outward face — what the drain
+//!   and registry may send it, through a handle of `Recipient`s, bounded by
+//!   its backlog.
 //! - [`drain::Drain`]: one per member with a live connection; claims, pushes, acks.
+//! - [`registry::Registry`]: the presence registry; routes between sessions and drains.
+//! - [`session::WsSession`]: one per WebSocket connection, tagged with its role.
 //! - [`sweeper::Sweeper`]: supervised; leases, dead letters, grace windows.
 //! - [`janitor::Janitor`]: supervised; retention and expiry deletes, wakes drains.
 
 pub mod backlog;
+pub mod conn;
 pub mod drain;
 pub mod janitor;
 pub mod registry;
@@ -31,15 +37,6 @@ pub struct Shared {
     pub node_id: NodeId,
     /// Per-member send token buckets (`limits.send_burst` / `send_per_sec`).
     pub send_limits: RateLimiter<uuid::Uuid>,
-}
-
-/// The key under which a connection receives deliveries addressed to it
-/// alone: its session pubkey, else its session id.
-pub fn connection_key(session_pubkey: Option<&str>, session_id: &str) -> String {
-    match session_pubkey {
-        Some(pk) if !pk.is_empty() => pk.to_owned(),
-        _ => format!("sid:{session_id}"),
-    }
 }
 
 /// Token buckets keyed by `K`: `burst` tokens, refilled at `per_sec`.

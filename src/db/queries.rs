@@ -687,6 +687,25 @@ pub async fn release_presence_claims(conn: &mut Conn, presence_id: Uuid) -> Quer
     .await
 }
 
+/// Gives back claims that were never written to their connection (it
+/// left while the claim ran, or was being cut off): released as on a
+/// close, and the attempt the claim counted is taken back, since an
+/// attempt is a push the socket accepted. Matched by claim id, so a
+/// delivery claimed again meanwhile is left alone.
+pub async fn release_unpushed(conn: &mut Conn, claim_ids: &[Uuid]) -> QueryResult<usize> {
+    diesel::update(
+        message_queue::table
+            .filter(message_queue::claim_id.eq_any(claim_ids))
+            .filter(message_queue::delivered_at.is_null()),
+    )
+    .set((
+        release(),
+        message_queue::attempts.eq(message_queue::attempts - 1),
+    ))
+    .execute(conn)
+    .await
+}
+
 /// Releases every unacked claim this broker process holds (shutdown).
 pub async fn release_node_claims(conn: &mut Conn, node_id: Uuid) -> QueryResult<usize> {
     diesel::update(
