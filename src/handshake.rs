@@ -1,4 +1,4 @@
-//! Hello verification, in the order `protocol.md` §2 gives: first the checks
+//! Hello verification, in the order `docs/protocol.md` §2.4 gives: first the checks
 //! that need nothing but the frame and the clock ([`verify_offline`]), then
 //! those that need the database ([`verify_online`]: replay, member,
 //! revocation, member id; the mesh's connection cap is checked where the

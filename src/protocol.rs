@@ -1,4 +1,4 @@
-//! Wire frames of `../shared/protocol.md`: what clients send (decoded into
+//! Wire frames of `docs/protocol.md`: what clients send (decoded into
 //! [`ClientFrame`]) and what the broker sends back (typed, serialized).
 //!
 //! Field names follow the contract exactly, camelCase and snake_case mixed
