@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::{refuse, reject, send_json, Ctx, Ready, State, WsSession};
+use super::{refuse, reject, reply, Ctx, Ready, State, WsSession};
 use crate::actors::drain::{self, AckedMessage, Settlement};
 use crate::error_code::ErrorCode;
 use crate::handshake::{HelloKind, Refusal};
@@ -59,9 +59,9 @@ impl WsSession {
                     }
                     "send" => {
                         metrics.message_rejected(ErrorCode::Invalid);
-                        send_json(
+                        reply(
                             ctx,
-                            &SendAck::refused(id.unwrap_or_default(), ErrorCode::Invalid, &message),
+                            SendAck::refused(id.unwrap_or_default(), ErrorCode::Invalid, &message),
                         )
                     }
                     _ => reject(metrics, ctx, ErrorCode::Invalid, message, req_id),
@@ -81,7 +81,7 @@ impl WsSession {
                 "this connection already said hello",
                 req_id,
             ),
-            ClientFrame::Ping => send_json(ctx, &ServerFrame::pong()),
+            ClientFrame::Ping => reply(ctx, ServerFrame::pong()),
             frame => match &mut self.state {
                 State::Ready(ready) => self.io.on_frame(ready, frame, req_id, ctx),
                 State::AwaitingHello { .. } => reject(

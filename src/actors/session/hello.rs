@@ -6,7 +6,7 @@
 use actix::prelude::*;
 use uuid::Uuid;
 
-use super::{refuse, send_json, Ctx, Ready, State, WsSession};
+use super::{refuse, reply, Ctx, Ready, State, WsSession};
 use crate::actors::conn::ConnHandle;
 use crate::actors::registry::{self, Arrival, ConnEntry};
 use crate::db::queries::{self, NewPresence, Opened};
@@ -122,9 +122,9 @@ impl WsSession {
             match result {
                 Err(refusal) => refuse(act.io.metrics(), ctx, refusal),
                 Ok(ready) => {
-                    send_json(
+                    reply(
                         ctx,
-                        &HelloAck {
+                        HelloAck {
                             ty: "hello_ack",
                             presence_id: ready.presence_id.to_string(),
                             member_display_name: ready.display_name.clone(),

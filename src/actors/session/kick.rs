@@ -3,7 +3,7 @@
 
 use actix::prelude::*;
 
-use super::{reject, send_json, Ctx, Io, Ready, WsSession};
+use super::{reject, reply, Ctx, Io, Ready, WsSession};
 use crate::actors::registry;
 use crate::error_code::ErrorCode;
 use crate::protocol::{KickAck, KickFrame};
@@ -54,9 +54,9 @@ impl Io {
             actix::fut::wrap_future::<_, WsSession>(self.registry.send(msg)).map(
                 move |result, _, ctx| {
                     let out = result.unwrap_or_default();
-                    send_json(
+                    reply(
                         ctx,
-                        &KickAck {
+                        KickAck {
                             ty: match kind {
                                 KickKind::Kick => "kick_ack",
                                 KickKind::Disconnect => "disconnect_ack",

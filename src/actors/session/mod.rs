@@ -23,7 +23,6 @@ use std::time::Instant;
 
 use actix::prelude::*;
 use actix_web_actors::ws;
-use serde::Serialize;
 
 use super::backlog::Backlog;
 use super::conn::{CloseConn, Outbound};
@@ -34,7 +33,7 @@ use crate::db::queries::MemberRow;
 use crate::error_code::ErrorCode;
 use crate::ids::{MeshId, PresenceId, Role};
 use crate::metrics::{ActorKind, Metrics};
-use crate::protocol::{ErrorFrame, Group};
+use crate::protocol::{ErrorFrame, Group, ServerFrame};
 
 /// Where a connection is in its life.
 enum State {
@@ -107,13 +106,13 @@ impl Io {
 }
 
 /// Writes one frame.
-fn send_json<T: Serialize>(ctx: &mut Ctx, frame: &T) {
-    ctx.text(serde_json::to_string(frame).expect("frames serialize"));
+fn reply(ctx: &mut Ctx, frame: impl Into<ServerFrame>) {
+    ctx.text(frame.into().to_text());
 }
 
 /// Writes an `error` frame.
 fn error(ctx: &mut Ctx, code: ErrorCode, message: impl Into<String>, req_id: Option<String>) {
-    send_json(ctx, &ErrorFrame::new(code, message, req_id));
+    reply(ctx, ErrorFrame::new(code, message, req_id));
 }
 
 /// Refuses one frame with an error frame (the connection stays open),

@@ -4,7 +4,7 @@
 
 use actix::prelude::*;
 
-use super::{error, reject, send_json, Ctx, Io, Ready, WsSession};
+use super::{error, reject, reply, Ctx, Io, Ready, WsSession};
 use crate::actors::registry;
 use crate::db::queries;
 use crate::error_code::ErrorCode;
@@ -77,7 +77,7 @@ impl Io {
                     presence_id,
                     visible,
                 });
-                send_json(ctx, &ack);
+                reply(ctx, ack);
             },
         );
     }
@@ -187,9 +187,9 @@ impl Io {
                             model: r.model,
                         })
                         .collect();
-                    send_json(
+                    reply(
                         ctx,
-                        &PeersList {
+                        PeersList {
                             ty: "peers_list",
                             req_id,
                             peers,

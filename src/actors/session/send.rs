@@ -5,7 +5,7 @@
 use actix::prelude::*;
 use uuid::Uuid;
 
-use super::{send_json, Ctx, Io, Ready, WsSession};
+use super::{reply, Ctx, Io, Ready, WsSession};
 use crate::actors::registry;
 use crate::db::queries::{self, NewMessage, Recipient, SendOutcome};
 use crate::error_code::ErrorCode;
@@ -29,7 +29,7 @@ impl Io {
         let metrics = self.metrics();
         let refuse = |ctx: &mut Ctx, code: ErrorCode, text: &str| {
             metrics.message_rejected(code);
-            send_json(ctx, &SendAck::refused(id.clone(), code, text));
+            reply(ctx, SendAck::refused(id.clone(), code, text));
         };
         let limits = &self.shared.config.limits;
         if send.nonce.len() + send.ciphertext.len() + send.target_spec.len()
@@ -152,7 +152,7 @@ impl Io {
                         SendAck::refused(id, code, &text)
                     }
                 };
-                send_json(ctx, &ack);
+                reply(ctx, ack);
             }),
         );
     }
