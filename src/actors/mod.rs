@@ -79,6 +79,27 @@ impl<K: std::hash::Hash + Eq + Clone> RateLimiter<K> {
     }
 }
 
+/// A `Shared` for actor unit tests: default config, and a pool that is
+/// never connected (a checkout fails after its timeout), so what is tested
+/// is the actors' own logic.
+#[cfg(test)]
+pub(crate) fn test_shared() -> Shared {
+    use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+    let config = Config::default();
+    let manager = AsyncDieselConnectionManager::<diesel_async::AsyncPgConnection>::new(
+        "postgres://nobody@127.0.0.1:1/none",
+    );
+    Shared {
+        send_limits: RateLimiter::new(config.limits.send_burst, config.limits.send_per_sec),
+        config: Arc::new(config),
+        pool: bb8::Pool::builder()
+            .connection_timeout(std::time::Duration::from_millis(100))
+            .build_unchecked(manager),
+        metrics: Arc::new(Metrics::default()),
+        node_id: NodeId::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

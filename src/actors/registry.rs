@@ -546,3 +546,142 @@ impl Handler<Shutdown> for Registry {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::actors::backlog::Backlog;
+    use crate::actors::conn::CloseConn;
+
+    /// What a probe connection was sent.
+    #[derive(Debug, Clone, PartialEq)]
+    enum Heard {
+        System(String),
+        Closed(CloseReason),
+    }
+
+    /// Stands in for a session: records what the registry sends it.
+    struct Probe(Arc<Mutex<Vec<Heard>>>);
+
+    impl Actor for Probe {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Outbound> for Probe {
+        type Result = ();
+        fn handle(&mut self, msg: Outbound, _: &mut Self::Context) {
+            if let Outbound::System(text) = msg {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                let event = v["event"].as_str().unwrap().to_owned();
+                self.0.lock().unwrap().push(Heard::System(event));
+            }
+        }
+    }
+
+    impl Handler<CloseConn> for Probe {
+        type Result = ();
+        fn handle(&mut self, CloseConn(reason): CloseConn, _: &mut Self::Context) {
+            self.0.lock().unwrap().push(Heard::Closed(reason));
+        }
+    }
+
+    fn registry() -> Addr<Registry> {
+        Registry::new(Arc::new(crate::actors::test_shared())).start()
+    }
+
+    /// Registers a probe connection; returns what it hears.
+    async fn connect(
+        registry: &Addr<Registry>,
+        member: u128,
+        role: Role,
+        session_id: &str,
+        session_pubkey: Option<&str>,
+    ) -> (PresenceId, Arc<Mutex<Vec<Heard>>>) {
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let probe = Probe(heard.clone()).start();
+        let presence_id = PresenceId::new();
+        let entry = ConnEntry {
+            presence_id,
+            mesh_id: MeshId(Uuid::from_u128(1)),
+            member_id: MemberId(Uuid::from_u128(member)),
+            member_pubkey: format!("{member:064x}"),
+            role,
+            session_id: session_id.into(),
+            session_pubkey: session_pubkey.map(str::to_owned),
+            key: routing::connection_key(session_pubkey, session_id),
+            display_name: format!("m{member}"),
+            visible: true,
+            handle: ConnHandle::new(&probe, Arc::new(Backlog::new(1 << 20, None))),
+            last_seen: Arc::new(AtomicI64::new(chrono::Utc::now().timestamp_millis())),
+        };
+        registry
+            .send(Connect {
+                entry,
+                arrival: Arrival::New,
+            })
+            .await
+            .unwrap();
+        (presence_id, heard)
+    }
+
+    async fn settle() {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    fn heard(h: &Arc<Mutex<Vec<Heard>>>) -> Vec<Heard> {
+        h.lock().unwrap().clone()
+    }
+
+    #[actix_web::test]
+    async fn a_hello_replaces_its_own_identity_and_peers_hear_one_join() {
+        let reg = registry();
+        let (_, other) = connect(&reg, 2, Role::Session, "s2", Some("k2")).await;
+        let (_, daemon) = connect(&reg, 1, Role::ControlPlane, "d", None).await;
+        let (_, cli) = connect(&reg, 1, Role::ControlPlane, "d", Some("cli")).await;
+        let (_, again) = connect(&reg, 1, Role::ControlPlane, "d", None).await;
+        settle().await;
+        assert_eq!(heard(&daemon), vec![Heard::Closed(CloseReason::Replaced)]);
+        assert!(heard(&cli).is_empty(), "a CLI key is another identity");
+        assert!(heard(&again).is_empty());
+        let joined = |h: &[Heard]| {
+            h.iter()
+                .filter(|e| **e == Heard::System("peer_joined".into()))
+                .count()
+        };
+        assert_eq!(
+            joined(&heard(&other)),
+            2,
+            "the daemon and the CLI joined; the replacement was silent"
+        );
+    }
+
+    #[actix_web::test]
+    async fn kick_spares_the_daemon_and_the_asker_and_disconnect_does_not() {
+        let reg = registry();
+        let (asker, asker_heard) = connect(&reg, 1, Role::Session, "a", Some("ka")).await;
+        let (_, daemon) = connect(&reg, 2, Role::ControlPlane, "d", None).await;
+        let (_, session) = connect(&reg, 2, Role::Session, "s", Some("ks")).await;
+        let kick = |kind| Kick {
+            mesh_id: MeshId(Uuid::from_u128(1)),
+            asker,
+            selector: KickSelector::All,
+            kind,
+        };
+        let out = reg.send(kick(KickKind::Kick)).await.unwrap();
+        assert_eq!(out.kicked, vec!["m2".to_owned()]);
+        assert_eq!(out.skipped_control_plane, vec!["m2".to_owned()]);
+        assert_eq!(out.affected.len(), 2);
+        settle().await;
+        assert!(heard(&session).contains(&Heard::Closed(CloseReason::Kicked)));
+        assert!(!heard(&daemon).iter().any(|h| matches!(h, Heard::Closed(_))));
+        let out = reg.send(kick(KickKind::Disconnect)).await.unwrap();
+        assert_eq!(out.kicked.len(), 2, "disconnect closes every role");
+        settle().await;
+        assert!(heard(&daemon).contains(&Heard::Closed(CloseReason::Disconnected)));
+        assert!(!heard(&asker_heard)
+            .iter()
+            .any(|h| matches!(h, Heard::Closed(_))));
+    }
+}
