@@ -1,4 +1,4 @@
-//! Hello verification, in the order `protocol.md` §2 gives: first the checks
+//! Hello verification, in the order `docs/protocol.md` §2.4 gives: first the checks
 //! that need nothing but the frame and the clock ([`verify_offline`]), then
 //! those that need the database ([`verify_online`]: replay, member,
 //! revocation, member id; the mesh's connection cap is checked where the
@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::crypto;
 use crate::db::queries::{self, MemberRow};
 use crate::db::PgConn;
+use crate::error_code::ErrorCode;
 use crate::ids::Role;
 use crate::protocol::{ConnectionInfo, Hello, SessionHello};
 
@@ -19,20 +20,19 @@ pub enum HelloKind {
     Session(Box<SessionHello>),
 }
 
-/// A refused hello: the error code, a message, and the close code.
+/// A refused hello: the error code (which gives the close code) and a
+/// message.
 #[derive(Debug, Clone)]
 pub struct Refusal {
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
-    pub close_code: u16,
 }
 
 impl Refusal {
-    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Refusal {
             code,
             message: message.into(),
-            close_code: 1008,
         }
     }
 }
@@ -60,7 +60,7 @@ pub fn verify_offline(kind: &HelloKind, now_ms: i64, config: &Config) -> Result<
         // i128: a hostile timestamp such as i64::MIN must not overflow.
         if (i128::from(now_ms) - i128::from(ts)).abs() > i128::from(skew_ms) {
             Err(Refusal::new(
-                "timestamp_skew",
+                ErrorCode::TimestampSkew,
                 format!(
                     "timestamp is more than {} from the broker's clock",
                     config.limits.hello_skew
@@ -78,21 +78,21 @@ pub fn verify_offline(kind: &HelloKind, now_ms: i64, config: &Config) -> Result<
                 .is_some_and(|s| !crypto::is_lower_hex(s, 64))
             {
                 return Err(Refusal::new(
-                    "bad_session_pubkey",
+                    ErrorCode::BadSessionPubkey,
                     "sessionPubkey must be 64 lowercase hex chars",
                 ));
             }
             check_skew(h.timestamp)?;
             if !crypto::is_hex(&h.pubkey, 64) || !crypto::is_hex(&h.signature, 128) {
                 return Err(Refusal::new(
-                    "malformed",
+                    ErrorCode::Malformed,
                     "pubkey must be 64 hex chars and signature 128 hex chars",
                 ));
             }
             let signed = crypto::hello_message(&h.mesh_id, &h.member_id, &h.pubkey, h.timestamp);
             if !crypto::verify_hex(&h.pubkey, &signed, &h.signature) {
                 return Err(Refusal::new(
-                    "bad_signature",
+                    ErrorCode::BadSignature,
                     "hello signature does not verify",
                 ));
             }
@@ -114,7 +114,7 @@ pub fn verify_offline(kind: &HelloKind, now_ms: i64, config: &Config) -> Result<
         HelloKind::Session(h) => {
             if !crypto::is_lower_hex(&h.session_pubkey, 64) {
                 return Err(Refusal::new(
-                    "bad_session_pubkey",
+                    ErrorCode::BadSessionPubkey,
                     "sessionPubkey must be 64 lowercase hex chars",
                 ));
             }
@@ -125,7 +125,7 @@ pub fn verify_offline(kind: &HelloKind, now_ms: i64, config: &Config) -> Result<
                 || !crypto::is_hex(&att.signature, 128)
             {
                 return Err(Refusal::new(
-                    "malformed",
+                    ErrorCode::Malformed,
                     "pubkeys must be 64 hex chars and signatures 128 hex chars",
                 ));
             }
@@ -133,19 +133,19 @@ pub fn verify_offline(kind: &HelloKind, now_ms: i64, config: &Config) -> Result<
                 || att.parent_member_pubkey != h.parent_member_pubkey
             {
                 return Err(Refusal::new(
-                    "attestation_mismatch",
+                    ErrorCode::AttestationMismatch,
                     "the attestation is for another session or member",
                 ));
             }
             if att.expires_at <= now_ms {
                 return Err(Refusal::new(
-                    "expired",
+                    ErrorCode::Expired,
                     "the session attestation has expired",
                 ));
             }
             if att.expires_at > now_ms.saturating_add(MAX_ATTESTATION_MS) {
                 return Err(Refusal::new(
-                    "ttl_too_long",
+                    ErrorCode::TtlTooLong,
                     "the session attestation reaches more than 24 h ahead",
                 ));
             }
@@ -156,7 +156,7 @@ pub fn verify_offline(kind: &HelloKind, now_ms: i64, config: &Config) -> Result<
             );
             if !crypto::verify_hex(&h.parent_member_pubkey, &attested, &att.signature) {
                 return Err(Refusal::new(
-                    "bad_signature",
+                    ErrorCode::BadSignature,
                     "attestation signature does not verify",
                 ));
             }
@@ -168,7 +168,7 @@ pub fn verify_offline(kind: &HelloKind, now_ms: i64, config: &Config) -> Result<
             );
             if !crypto::verify_hex(&h.session_pubkey, &signed, &h.signature) {
                 return Err(Refusal::new(
-                    "bad_signature",
+                    ErrorCode::BadSignature,
                     "session_hello signature does not verify",
                 ));
             }
@@ -187,7 +187,7 @@ pub fn verify_offline(kind: &HelloKind, now_ms: i64, config: &Config) -> Result<
     claims
         .info
         .check_bounds()
-        .map_err(|e| Refusal::new("invalid", e))?;
+        .map_err(|e| Refusal::new(ErrorCode::Invalid, e))?;
     Ok(claims)
 }
 
@@ -196,36 +196,35 @@ pub fn verify_offline(kind: &HelloKind, now_ms: i64, config: &Config) -> Result<
 pub async fn verify_online(conn: &mut PgConn, claims: &Claims) -> Result<MemberRow, Refusal> {
     let unavailable = |e: diesel::result::Error| {
         tracing::warn!(error = %e, "hello refused: database check failed");
-        Refusal::new("unavailable", "database unavailable, retry")
+        Refusal::new(ErrorCode::Unavailable, "database unavailable, retry")
     };
     if !queries::record_hello(conn, &claims.signature)
         .await
         .map_err(unavailable)?
     {
-        return Err(Refusal::new("replayed", "this hello was already used"));
+        return Err(Refusal::new(
+            ErrorCode::Replayed,
+            "this hello was already used",
+        ));
     }
-    let unknown = || Refusal::new("unauthorized", "no such member in this mesh");
+    let unknown = || Refusal::new(ErrorCode::Unauthorized, "no such member in this mesh");
     let mesh_id: uuid::Uuid = claims.mesh_id.parse().map_err(|_| unknown())?;
     let member = queries::member_by_pubkey(conn, mesh_id, &claims.member_pubkey)
         .await
         .map_err(unavailable)?
         .ok_or_else(unknown)?;
     if member.revoked_at.is_some() {
-        return Err(Refusal {
-            code: "revoked",
-            message: "this member was revoked".into(),
-            close_code: 4002,
-        });
+        return Err(Refusal::new(ErrorCode::Revoked, "this member was revoked"));
     }
     if let Some(claimed) = &claims.member_id {
         if !claimed.eq_ignore_ascii_case(&member.id.to_string()) {
             return Err(if claims.attested {
                 Refusal::new(
-                    "parent_member_id_mismatch",
+                    ErrorCode::ParentMemberIdMismatch,
                     "parentMemberId is not this member's id",
                 )
             } else {
-                Refusal::new("unauthorized", "memberId is not this member's id")
+                Refusal::new(ErrorCode::Unauthorized, "memberId is not this member's id")
             });
         }
     }
@@ -238,7 +237,7 @@ pub async fn verify_online(conn: &mut PgConn, claims: &Claims) -> Result<MemberR
             .map_err(unavailable)?
         {
             return Err(Refusal::new(
-                "unauthorized",
+                ErrorCode::Unauthorized,
                 "sessionPubkey belongs to another member's session",
             ));
         }
@@ -299,7 +298,7 @@ mod hostile {
         };
         match verify_offline(&kind, NOW, &Config::default()) {
             Ok(_) => "ok",
-            Err(r) => r.code,
+            Err(r) => r.code.as_str(),
         }
     }
 

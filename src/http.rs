@@ -15,7 +15,7 @@ use crate::actors::registry::{self, Registry};
 use crate::actors::session::WsSession;
 use crate::actors::{RateLimiter, Shared};
 use crate::db::{self, queries};
-use crate::ids::Status;
+use crate::ids::{PresenceId, Status};
 use crate::metrics::PoolState;
 use crate::protocol::{bounds, check_text};
 
@@ -256,7 +256,7 @@ async fn hook_set_status(
     drop(conn);
     for presence_id in &changed {
         state.registry.do_send(registry::Changed::Status {
-            presence_id: *presence_id,
+            presence_id: PresenceId(*presence_id),
         });
     }
     let presence_id = found[0].0;

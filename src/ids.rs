@@ -144,14 +144,14 @@ wire_enum!(
 /// Prefix of a connection key made from a session id: the key of a
 /// connection without a session pubkey. The SQL form of the rule
 /// (`db::rules::connection_key`) is built from it.
-pub const SID_KEY_PREFIX: &str = "sid:";
+pub const SESSION_ID_KEY_PREFIX: &str = "sid:";
 
 /// The key under which a connection receives deliveries addressed to it
 /// alone: its session pubkey, else its session id.
 pub fn connection_key(session_pubkey: Option<&str>, session_id: &str) -> String {
     match session_pubkey {
         Some(pk) if !pk.is_empty() => pk.to_owned(),
-        _ => format!("{SID_KEY_PREFIX}{session_id}"),
+        _ => format!("{SESSION_ID_KEY_PREFIX}{session_id}"),
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
 use crate::db::queries::QueueDepth;
+use crate::error_code::ErrorCode;
 use crate::ids::Role;
 
 /// The actor kinds the metrics count, one label value each.
@@ -217,21 +218,22 @@ impl Metrics {
     pub fn connection_closed(&self, role: Role) {
         self.connections[role_index(role)].fetch_sub(1, Relaxed);
     }
-    pub fn connection_rejected(&self, reason: &'static str) {
-        self.connections_rejected.inc(reason);
+    pub fn connection_rejected(&self, reason: ErrorCode) {
+        self.connections_rejected.inc(reason.as_str());
     }
     pub fn message_accepted(&self, priority: &str) {
         if let Some(i) = PRIORITIES.iter().position(|p| *p == priority) {
             self.messages_accepted[i].fetch_add(1, Relaxed);
         }
     }
-    pub fn message_rejected(&self, reason: &'static str) {
-        self.messages_rejected.inc(reason);
+    pub fn message_rejected(&self, reason: ErrorCode) {
+        self.messages_rejected.inc(reason.as_str());
     }
     /// A frame refused: `reason` is the error code sent, or
-    /// `frame_too_large` (closed 1009) / `protocol_error` (closed 1002).
-    pub fn frame_rejected(&self, reason: &'static str) {
-        self.frames_rejected.inc(reason);
+    /// `frame_too_large` (closed 1009) / `protocol_error` (closed 1002),
+    /// or `ignored` / `settle_overflow` (dropped unanswered).
+    pub fn frame_rejected(&self, reason: ErrorCode) {
+        self.frames_rejected.inc(reason.as_str());
     }
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
@@ -470,8 +472,8 @@ mod tests {
         let m = Metrics::new();
         m.connection_opened(Role::Session);
         m.message_accepted("now");
-        m.message_rejected("rate_limit");
-        m.frame_rejected("frame_too_large");
+        m.message_rejected(ErrorCode::RateLimit);
+        m.frame_rejected(ErrorCode::FrameTooLarge);
         m.observe_delivery(0.02);
         m.actor_started(ActorKind::Drain);
         m.actor_restarted(ActorKind::Janitor);

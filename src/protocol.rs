@@ -1,4 +1,4 @@
-//! Wire frames of `../shared/protocol.md`: what clients send (decoded into
+//! Wire frames of `docs/protocol.md`: what clients send (decoded into
 //! [`ClientFrame`]) and what the broker sends back (typed, serialized).
 //!
 //! Field names follow the contract exactly, camelCase and snake_case mixed
@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::error_code::ErrorCode;
 use crate::ids::Role;
 
 /// Longest accepted text of each free-form field, in bytes; longer is
@@ -427,10 +428,10 @@ pub struct ErrorFrame {
 }
 
 impl ErrorFrame {
-    pub fn new(code: &str, message: impl Into<String>, req_id: Option<String>) -> Self {
+    pub fn new(code: ErrorCode, message: impl Into<String>, req_id: Option<String>) -> Self {
         ErrorFrame {
             ty: "error",
-            code: code.to_owned(),
+            code: code.as_str().to_owned(),
             message: message.into(),
             req_id,
         }
@@ -479,7 +480,15 @@ pub struct SendAck {
 }
 
 impl SendAck {
-    pub fn queued(id: String, message_id: String, duplicate: bool, recipients: u32) -> Self {
+    /// The message was stored now.
+    pub fn stored(id: String, message_id: String, recipients: u32) -> Self {
+        Self::queued(id, message_id, false, recipients)
+    }
+    /// A resend inside the dedupe window: the message stored before.
+    pub fn duplicate(id: String, message_id: String, recipients: u32) -> Self {
+        Self::queued(id, message_id, true, recipients)
+    }
+    fn queued(id: String, message_id: String, duplicate: bool, recipients: u32) -> Self {
         SendAck {
             ty: "ack",
             id,
@@ -491,7 +500,21 @@ impl SendAck {
             req_id: None,
         }
     }
-    pub fn refused(id: String, code: &str, text: &str) -> Self {
+    /// The answer to `set_visible`: an `ack` with no message.
+    pub fn visibility_set(req_id: Option<String>) -> Self {
+        SendAck {
+            ty: "ack",
+            id: req_id.clone().unwrap_or_default(),
+            message_id: String::new(),
+            queued: false,
+            duplicate: None,
+            recipients: None,
+            error: None,
+            req_id,
+        }
+    }
+    /// A refused send: `error` starts with the code.
+    pub fn refused(id: String, code: ErrorCode, text: &str) -> Self {
         SendAck {
             ty: "ack",
             id,
@@ -592,6 +615,63 @@ pub struct KickAck {
     pub skipped_control_plane: Vec<String>,
     #[serde(rename = "_reqId", skip_serializing_if = "Option::is_none")]
     pub req_id: Option<String>,
+}
+
+/// `pong`, the answer to a `ping` frame.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pong {
+    #[serde(rename = "type")]
+    pub ty: &'static str,
+}
+
+/// Every frame the broker writes to a client.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum ServerFrame {
+    HelloAck(HelloAck),
+    /// A `send`'s answer (and `set_visible`'s).
+    Ack(SendAck),
+    Error(ErrorFrame),
+    /// A delivery or a system event.
+    Push(Box<Push>),
+    PeersList(PeersList),
+    /// `kick_ack` or `disconnect_ack`.
+    KickAck(KickAck),
+    Pong(Pong),
+}
+
+impl ServerFrame {
+    pub fn pong() -> ServerFrame {
+        ServerFrame::Pong(Pong { ty: "pong" })
+    }
+
+    /// The frame's JSON text.
+    pub fn to_text(&self) -> String {
+        serde_json::to_string(self).expect("frames serialize")
+    }
+}
+
+macro_rules! server_frame_from {
+    ($($variant:ident($ty:ty)),*) => {$(
+        impl From<$ty> for ServerFrame {
+            fn from(frame: $ty) -> Self {
+                ServerFrame::$variant(frame)
+            }
+        }
+    )*};
+}
+server_frame_from!(
+    HelloAck(HelloAck),
+    Ack(SendAck),
+    Error(ErrorFrame),
+    PeersList(PeersList),
+    KickAck(KickAck)
+);
+
+impl From<Push> for ServerFrame {
+    fn from(push: Push) -> Self {
+        ServerFrame::Push(Box::new(push))
+    }
 }
 
 /// The ISO-8601 form clients expect: milliseconds, `Z`.

@@ -4,10 +4,6 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 
-use actix::Addr;
-
-use super::session::{CloseConn, Outbound, WsSession};
-
 /// Room for system events and replies on top of a full window of pushes.
 const BACKLOG_SLACK: usize = 1 << 20;
 
@@ -35,6 +31,17 @@ impl SocketHandle {
     }
 }
 
+/// What [`Backlog::reserve`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// Hand the frames over.
+    Reserved,
+    /// Drop them. `newly_cut` holds the bytes already waiting when this
+    /// reservation cut the connection off (its socket is shut down now);
+    /// `None` when it was cut off before.
+    Refused { newly_cut: Option<usize> },
+}
+
 /// Bytes of pushes (deliveries and system events) handed to one session
 /// and not yet taken by the HTTP layer for its socket.
 ///
@@ -46,6 +53,9 @@ impl SocketHandle {
 /// counts what left, and past [`backlog_limit`] a sender drops the frames
 /// and shuts the socket down instead: the session then stops, and its
 /// claims are released as for any closed connection.
+///
+/// Pure accounting: what is handed over, and how, is
+/// [`super::conn::ConnHandle`]'s business.
 pub struct Backlog {
     /// Handed to the session (mailbox or context) and not yet taken.
     queued: AtomicUsize,
@@ -69,43 +79,28 @@ impl Backlog {
         }
     }
 
-    /// Hands `msg` to the session, unless that would put its backlog over
-    /// the limit: then the connection is cut off (once) and `msg` dropped.
-    /// Returns whether `msg` was handed over.
-    pub fn offer(
-        &self,
-        addr: &Addr<WsSession>,
-        msg: Outbound,
-        metrics: &crate::metrics::Metrics,
-    ) -> bool {
+    /// Reserves room for `bytes` more of frames about to be handed to the
+    /// session, unless that would put the backlog over the limit: then the
+    /// connection is cut off (the socket shut down, once) and nothing is
+    /// reserved.
+    pub fn reserve(&self, bytes: usize) -> Reservation {
         if self.cut.load(SeqCst) {
-            return false;
+            return Reservation::Refused { newly_cut: None };
         }
-        let n = msg.bytes();
-        let before = self.queued.fetch_add(n, SeqCst);
-        if before.saturating_add(n) > self.limit {
-            self.queued.fetch_sub(n, SeqCst);
-            if !self.cut.swap(true, SeqCst) {
-                crate::metrics::Metrics::add(&metrics.slow_consumers, 1);
-                tracing::warn!(
-                    waiting_bytes = before,
-                    limit = self.limit,
-                    "closing a slow consumer: its client stopped reading"
-                );
-                // Heard only if the session still runs; the shutdown below
-                // ends it either way.
-                addr.do_send(CloseConn {
-                    code: 1013,
-                    reason: "slow_consumer".into(),
-                });
-                if let Some(socket) = self.socket.upgrade() {
-                    let _ = socket.shutdown(std::net::Shutdown::Both);
-                }
-            }
-            return false;
+        let before = self.queued.fetch_add(bytes, SeqCst);
+        if before.saturating_add(bytes) <= self.limit {
+            return Reservation::Reserved;
         }
-        addr.do_send(msg);
-        true
+        self.queued.fetch_sub(bytes, SeqCst);
+        if self.cut.swap(true, SeqCst) {
+            return Reservation::Refused { newly_cut: None };
+        }
+        if let Some(socket) = self.socket.upgrade() {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+        Reservation::Refused {
+            newly_cut: Some(before),
+        }
     }
 
     /// Cut off: nothing more is handed to this connection.
@@ -124,5 +119,60 @@ impl Backlog {
         // `queued` was raised before `written`, for the same frames.
         let written = self.written.swap(0, SeqCst);
         self.queued.fetch_sub(written, SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserves_up_to_the_limit_then_cuts_off_once() {
+        let b = Backlog::new(100, None);
+        assert_eq!(b.reserve(60), Reservation::Reserved);
+        assert_eq!(b.reserve(40), Reservation::Reserved);
+        assert!(!b.is_cut());
+        assert_eq!(
+            b.reserve(1),
+            Reservation::Refused {
+                newly_cut: Some(100)
+            }
+        );
+        assert!(b.is_cut());
+        assert_eq!(b.reserve(0), Reservation::Refused { newly_cut: None });
+    }
+
+    #[test]
+    fn what_left_for_the_socket_frees_room() {
+        let b = Backlog::new(100, None);
+        assert_eq!(b.reserve(80), Reservation::Reserved);
+        // Written into the context and taken by the HTTP layer.
+        b.wrote(80);
+        b.taken();
+        assert_eq!(b.reserve(100), Reservation::Reserved);
+        // Written but not yet taken still counts.
+        b.wrote(100);
+        assert!(matches!(b.reserve(1), Reservation::Refused { .. }));
+    }
+
+    #[test]
+    fn a_cut_connection_shuts_its_socket_down() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let handle = SocketHandle::of(&server).unwrap();
+        let b = Backlog::new(10, Some(&handle));
+        assert!(matches!(
+            b.reserve(11),
+            Reservation::Refused { newly_cut: Some(0) }
+        ));
+        use std::io::Read as _;
+        let mut buf = [0u8; 1];
+        let mut client = client;
+        assert_eq!(
+            client.read(&mut buf).unwrap(),
+            0,
+            "the peer sees end of stream"
+        );
     }
 }

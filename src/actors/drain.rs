@@ -13,61 +13,33 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
-use uuid::Uuid;
 
-use super::backlog::Backlog;
-use super::session::{Outbound, WsSession};
+use super::conn::{ConnHandle, Outbound};
 use super::Shared;
 use crate::db::queries::{self, ClaimSpec, Claimed};
-use crate::ids::Role;
+use crate::error_code::ErrorCode;
+use crate::ids::{DeliveryId, MemberId, MessageId, PresenceId, Role};
 use crate::metrics::{ActorKind, Metrics};
 use crate::protocol::{self, Push};
+use crate::routing::{self, Candidate, ClaimPlan};
 
 /// Pause before retrying a pass that failed on the database.
 const RETRY_AFTER: Duration = Duration::from_millis(500);
 
 /// One of the member's live connections.
 struct Conn {
-    addr: Addr<WsSession>,
+    /// Pushes go through it: it cuts off a client that stopped reading.
+    handle: ConnHandle,
     key: String,
     role: Role,
     has_session_pubkey: bool,
-    /// Pushes go through it: it cuts off a client that stopped reading.
-    backlog: Arc<Backlog>,
     /// Order of arrival, to prefer the oldest among equals.
     seq: u64,
     /// Unacked pushes on this connection: delivery id → lease expiry.
-    in_flight: HashMap<i64, DateTime<Utc>>,
+    in_flight: HashMap<DeliveryId, DateTime<Utc>>,
 }
 
 impl Conn {
-    /// Lower is preferred for deliveries any connection could take: the
-    /// host daemon (control-plane without a session key) first, the
-    /// CLI's short command connections last.
-    fn rank(&self) -> (u8, u64) {
-        let class = match (self.role, self.has_session_pubkey) {
-            (Role::ControlPlane, false) => 0,
-            (Role::Service, _) => 1,
-            (Role::Session, _) => 2,
-            (Role::ControlPlane, true) => 3,
-        };
-        (class, self.seq)
-    }
-
-    /// Lower is preferred for deliveries keyed to this connection's key
-    /// (a session and a CLI connection may share a session pubkey). Among
-    /// equals the newest wins: an older session with the same key is one
-    /// its new hello is replacing, and what it is pushed now is only
-    /// released again when it closes (one attempt spent for nothing).
-    fn key_rank(&self) -> (u8, std::cmp::Reverse<u64>) {
-        let class = match self.role {
-            Role::Session => 0,
-            Role::Service => 1,
-            Role::ControlPlane => 2,
-        };
-        (class, std::cmp::Reverse(self.seq))
-    }
-
     fn room(&mut self, max_in_flight: u32) -> i64 {
         // Entries whose lease ran out no longer hold room, even if the
         // sweeper's notice was lost.
@@ -79,8 +51,8 @@ impl Conn {
 
 pub struct Drain {
     shared: Arc<Shared>,
-    member_id: Uuid,
-    conns: HashMap<Uuid, Conn>,
+    member_id: MemberId,
+    conns: HashMap<PresenceId, Conn>,
     next_seq: u64,
     /// A claim pass is running.
     running: bool,
@@ -95,15 +67,25 @@ pub struct Drain {
     /// Acks of a connection not yet recorded. A closed connection's claims
     /// are released only after them: released first, what it had acked
     /// would be claimed and pushed again (an attempt spent for nothing).
-    acks_in_flight: HashMap<Uuid, usize>,
-    /// Connections that closed while their acks were in flight → `last`.
-    release_after_acks: HashMap<Uuid, bool>,
+    acks_in_flight: HashMap<PresenceId, usize>,
+    /// Connections that closed while their acks were in flight, and
+    /// whether each was the member's last.
+    release_after_acks: HashMap<PresenceId, Leaving>,
     /// nack / in_progress queries in flight, per connection.
-    settles_in_flight: HashMap<Uuid, usize>,
+    settles_in_flight: HashMap<PresenceId, usize>,
+}
+
+/// Whether a connection that closed was the member's last on this broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leaving {
+    /// Others remain: drain on.
+    OneOfSeveral,
+    /// The last: the drain stops once its database work is done.
+    Last,
 }
 
 impl Drain {
-    pub fn new(shared: Arc<Shared>, member_id: Uuid) -> Self {
+    pub fn new(shared: Arc<Shared>, member_id: MemberId) -> Self {
         Drain {
             shared,
             member_id,
@@ -125,13 +107,15 @@ impl Drain {
     /// or made up: dropped (and counted), so one connection's flood cannot
     /// queue unbounded work on the shared pool. A dropped genuine ack costs
     /// at most a repeated push.
-    fn admit(&self, presence_id: Uuid) -> bool {
-        let n = |m: &HashMap<Uuid, usize>| m.get(&presence_id).copied().unwrap_or(0);
+    fn admit(&self, presence_id: PresenceId) -> bool {
+        let n = |m: &HashMap<PresenceId, usize>| m.get(&presence_id).copied().unwrap_or(0);
         let busy = n(&self.acks_in_flight) + n(&self.settles_in_flight);
         if busy < self.shared.config.delivery.max_in_flight as usize {
             return true;
         }
-        self.shared.metrics.frame_rejected("settle_overflow");
+        self.shared
+            .metrics
+            .frame_rejected(ErrorCode::SettleOverflow);
         false
     }
 
@@ -153,44 +137,24 @@ impl Drain {
         self.shared.metrics.actor_message(ActorKind::Drain);
     }
 
-    /// What each connection may claim now.
-    fn plan(&mut self) -> Vec<(Uuid, String, bool, i64)> {
-        let cfg = &self.shared.config.delivery;
-        // A connection cut off as a slow consumer takes nothing more, even
-        // while its session has not stopped yet.
-        let member_wide = self
+    /// What each connection may claim now (the rule is
+    /// [`routing::plan_claims`]).
+    fn plan(&mut self) -> Vec<ClaimPlan> {
+        let max_in_flight = self.shared.config.delivery.max_in_flight;
+        let candidates: Vec<Candidate> = self
             .conns
-            .iter()
-            .filter(|(_, c)| !c.backlog.is_cut())
-            .min_by_key(|(_, c)| c.rank())
-            .map(|(id, _)| *id);
-        let mut best_for_key: HashMap<&str, (Uuid, (u8, std::cmp::Reverse<u64>))> = HashMap::new();
-        for (id, c) in self.conns.iter().filter(|(_, c)| !c.backlog.is_cut()) {
-            let rank = c.key_rank();
-            let e = best_for_key.entry(c.key.as_str()).or_insert((*id, rank));
-            if rank < e.1 {
-                *e = (*id, rank);
-            }
-        }
-        let keyed: std::collections::HashSet<Uuid> =
-            best_for_key.values().map(|(id, _)| *id).collect();
-        let mut plans = Vec::new();
-        for (id, c) in self.conns.iter_mut() {
-            let wide = Some(*id) == member_wide;
-            if !wide && !keyed.contains(id) {
-                continue;
-            }
-            let limit = c.room(cfg.max_in_flight).min(i64::from(cfg.claim_batch));
-            if limit > 0 {
-                let key = if keyed.contains(id) {
-                    c.key.clone()
-                } else {
-                    String::new()
-                };
-                plans.push((*id, key, wide, limit));
-            }
-        }
-        plans
+            .iter_mut()
+            .map(|(id, c)| Candidate {
+                presence_id: *id,
+                key: c.key.clone(),
+                role: c.role,
+                has_session_pubkey: c.has_session_pubkey,
+                seq: c.seq,
+                room: c.room(max_in_flight),
+                cut: c.handle.is_cut(),
+            })
+            .collect();
+        routing::plan_claims(&candidates, self.shared.config.delivery.claim_batch)
     }
 
     /// Runs one claim pass (or marks one due if a pass is running).
@@ -211,13 +175,13 @@ impl Drain {
             let cfg = &shared.config.delivery;
             let mut conn = shared.pool.get().await.map_err(|e| e.to_string())?;
             let mut batches = Vec::with_capacity(plans.len());
-            for (presence_id, key, member_wide, limit) in plans {
+            for plan in plans {
                 let spec = ClaimSpec {
-                    member_id,
-                    presence_id,
-                    key: &key,
-                    member_wide,
-                    limit,
+                    member_id: member_id.0,
+                    presence_id: plan.presence_id.0,
+                    key: plan.key.as_deref().unwrap_or(""),
+                    member_wide: plan.member_wide,
+                    limit: plan.limit,
                     lease: cfg.lease.get(),
                     node_id: shared.node_id.0,
                     max_attempts: cfg.max_attempts as i32,
@@ -225,7 +189,7 @@ impl Drain {
                 let rows = queries::claim(&mut conn, &spec)
                     .await
                     .map_err(|e| e.to_string())?;
-                batches.push((presence_id, limit, rows));
+                batches.push((plan, rows));
             }
             Ok::<_, String>(batches)
         };
@@ -234,9 +198,9 @@ impl Drain {
             match result {
                 Ok(batches) => {
                     let mut again = act.dirty;
-                    for (presence_id, limit, rows) in batches {
-                        again |= rows.len() as i64 == limit;
-                        act.push(ctx, presence_id, rows);
+                    for (plan, rows) in batches {
+                        again |= rows.len() as i64 == plan.limit;
+                        act.push(ctx, plan.presence_id, rows);
                     }
                     if again {
                         act.drain(ctx);
@@ -251,33 +215,66 @@ impl Drain {
         self.spawn_db(ctx, fut);
     }
 
-    /// Writes claimed deliveries to their connection.
-    fn push(&mut self, ctx: &mut Context<Self>, presence_id: Uuid, rows: Vec<Claimed>) {
+    /// Writes claimed deliveries to their connection. Claims that never
+    /// reach it (it left while the claim ran, or is being cut off) are
+    /// given back without using up an attempt.
+    fn push(&mut self, ctx: &mut Context<Self>, presence_id: PresenceId, rows: Vec<Claimed>) {
         if rows.is_empty() {
             return;
         }
-        let metrics = &self.shared.metrics;
+        let metrics = self.shared.metrics.clone();
         Metrics::add(&metrics.deliveries_claimed, rows.len() as u64);
         let Some(conn) = self.conns.get_mut(&presence_id) else {
-            // The connection left while the claim ran: give the rows back.
-            self.release(ctx, presence_id, false);
+            let claims = rows.iter().map(|r| r.claim_id).collect();
+            self.give_back_unpushed(ctx, claims);
             return;
         };
+        let ids: Vec<DeliveryId> = rows.iter().map(|r| r.id).collect();
+        let claims: Vec<uuid::Uuid> = rows.iter().map(|r| r.claim_id).collect();
+        let attempts: Vec<(i32, DateTime<Utc>)> =
+            rows.iter().map(|r| (r.attempts, r.created_at)).collect();
+        let frames = rows
+            .into_iter()
+            .map(|row| {
+                conn.in_flight.insert(row.id, row.claim_expires_at);
+                serde_json::to_string(&push_frame(row)).expect("push serializes")
+            })
+            .collect();
+        if !conn.handle.offer(Outbound::Deliveries(frames), &metrics) {
+            // The connection is being cut off: these never reach it.
+            self.forget(&ids);
+            self.give_back_unpushed(ctx, claims);
+            return;
+        }
         let now = Utc::now();
-        let mut frames = Vec::with_capacity(rows.len());
-        for row in rows {
-            if row.attempts > 1 {
+        for (attempt, created_at) in attempts {
+            if attempt > 1 {
                 Metrics::add(&metrics.deliveries_redelivered, 1);
             } else {
-                metrics.observe_first_push((now - row.created_at).as_seconds_f64());
+                metrics.observe_first_push((now - created_at).as_seconds_f64());
             }
-            conn.in_flight.insert(row.id, row.claim_expires_at);
-            frames.push(serde_json::to_string(&push_frame(row)).expect("push serializes"));
         }
-        // Dropped frames are not lost: the connection is being cut off,
-        // and its stop releases these claims.
-        conn.backlog
-            .offer(&conn.addr, Outbound::deliveries(frames), metrics);
+    }
+
+    /// Gives back claims that were never written to a connection: their
+    /// attempt is not counted (an attempt is a push the socket accepted).
+    fn give_back_unpushed(&mut self, ctx: &mut Context<Self>, claims: Vec<uuid::Uuid>) {
+        let pool = self.shared.pool.clone();
+        self.spawn_db(
+            ctx,
+            async move {
+                match pool.get().await {
+                    Ok(mut conn) => {
+                        if let Err(e) = queries::release_unpushed(&mut conn, &claims).await {
+                            tracing::warn!(error = %e, "could not give back unpushed claims; they expire instead");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "database unavailable; unpushed claims expire instead"),
+                }
+            }
+            .into_actor(self)
+            .map(|_, act, ctx| act.drain(ctx)),
+        );
     }
 
     /// Releases a closed connection's claims; then drains again, or stops
@@ -287,8 +284,8 @@ impl Drain {
     /// and a claim or ack future paused while holding a pooled connection,
     /// with this one waiting for another, starves the whole pool until its
     /// timeout (every hello and send meanwhile refused `unavailable`).
-    fn release(&mut self, ctx: &mut Context<Self>, presence_id: Uuid, last: bool) {
-        if last {
+    fn release(&mut self, ctx: &mut Context<Self>, presence_id: PresenceId, leaving: Leaving) {
+        if leaving == Leaving::Last {
             self.retiring = true;
         }
         let pool = self.shared.pool.clone();
@@ -297,7 +294,7 @@ impl Drain {
             async move {
                 match pool.get().await {
                     Ok(mut conn) => {
-                        if let Err(e) = queries::release_presence_claims(&mut conn, presence_id).await {
+                        if let Err(e) = queries::release_presence_claims(&mut conn, presence_id.0).await {
                             tracing::warn!(presence = %presence_id, error = %e, "could not release claims; they expire instead");
                         }
                     }
@@ -311,20 +308,20 @@ impl Drain {
 
     /// One ack of `presence_id` was recorded (or failed): if it was the
     /// last in flight of a connection that has closed, release its claims.
-    fn ack_done(&mut self, ctx: &mut Context<Self>, presence_id: Uuid) {
+    fn ack_done(&mut self, ctx: &mut Context<Self>, presence_id: PresenceId) {
         if let Some(n) = self.acks_in_flight.get_mut(&presence_id) {
             *n -= 1;
             if *n == 0 {
                 self.acks_in_flight.remove(&presence_id);
-                if let Some(last) = self.release_after_acks.remove(&presence_id) {
-                    self.release(ctx, presence_id, last);
+                if let Some(leaving) = self.release_after_acks.remove(&presence_id) {
+                    self.release(ctx, presence_id, leaving);
                 }
             }
         }
     }
 
     /// Forgets delivery ids on whichever connection holds them.
-    fn forget(&mut self, ids: &[i64]) {
+    fn forget(&mut self, ids: &[DeliveryId]) {
         for c in self.conns.values_mut() {
             for id in ids {
                 c.in_flight.remove(id);
@@ -377,12 +374,11 @@ impl Actor for Drain {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct AddConn {
-    pub presence_id: Uuid,
-    pub addr: Addr<WsSession>,
+    pub presence_id: PresenceId,
+    pub handle: ConnHandle,
     pub key: String,
     pub role: Role,
     pub has_session_pubkey: bool,
-    pub backlog: Arc<Backlog>,
 }
 
 impl Handler<AddConn> for Drain {
@@ -393,11 +389,10 @@ impl Handler<AddConn> for Drain {
         self.conns.insert(
             msg.presence_id,
             Conn {
-                addr: msg.addr,
+                handle: msg.handle,
                 key: msg.key,
                 role: msg.role,
                 has_session_pubkey: msg.has_session_pubkey,
-                backlog: msg.backlog,
                 seq: self.next_seq,
                 in_flight: HashMap::new(),
             },
@@ -410,9 +405,8 @@ impl Handler<AddConn> for Drain {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct RemoveConn {
-    pub presence_id: Uuid,
-    /// It was the member's last connection on this broker.
-    pub last: bool,
+    pub presence_id: PresenceId,
+    pub leaving: Leaving,
 }
 
 impl Handler<RemoveConn> for Drain {
@@ -421,10 +415,10 @@ impl Handler<RemoveConn> for Drain {
         self.count();
         self.conns.remove(&msg.presence_id);
         if self.acks_in_flight.contains_key(&msg.presence_id) {
-            self.retiring |= msg.last;
-            self.release_after_acks.insert(msg.presence_id, msg.last);
+            self.retiring |= msg.leaving == Leaving::Last;
+            self.release_after_acks.insert(msg.presence_id, msg.leaving);
         } else {
-            self.release(ctx, msg.presence_id, msg.last);
+            self.release(ctx, msg.presence_id, msg.leaving);
         }
     }
 }
@@ -445,7 +439,7 @@ impl Handler<Wake> for Drain {
 /// The sweeper cleared these deliveries' leases (or dead-lettered them).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Reclaimed(pub Vec<i64>);
+pub struct Reclaimed(pub Vec<DeliveryId>);
 
 impl Handler<Reclaimed> for Drain {
     type Result = ();
@@ -460,9 +454,17 @@ impl Handler<Reclaimed> for Drain {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Ack {
-    pub presence_id: Uuid,
-    pub broker_message_id: Option<Uuid>,
-    pub client_message_id: Option<String>,
+    pub presence_id: PresenceId,
+    pub message: AckedMessage,
+}
+
+/// Which message a `client_ack` names.
+#[derive(Debug, Clone)]
+pub enum AckedMessage {
+    /// By broker message id (wins when both are given).
+    Broker(MessageId),
+    /// By the sender's client message id (or a broker id as text).
+    Client(String),
 }
 
 impl Handler<Ack> for Drain {
@@ -483,7 +485,11 @@ impl Handler<Ack> for Drain {
             ctx,
             async move {
                 let mut conn = shared.pool.get().await.map_err(|e| e.to_string())?;
-                queries::ack(&mut conn, member_id, &key, msg.broker_message_id, msg.client_message_id.as_deref())
+                let (broker_id, client_id) = match &msg.message {
+                    AckedMessage::Broker(id) => (Some(id.0), None),
+                    AckedMessage::Client(id) => (None, Some(id.as_str())),
+                };
+                queries::ack(&mut conn, member_id.0, &key, broker_id, client_id)
                     .await
                     .map_err(|e| e.to_string())
             }
@@ -498,7 +504,7 @@ impl Handler<Ack> for Drain {
                         for a in &acked {
                             metrics.observe_delivery((now - a.created_at).as_seconds_f64());
                         }
-                        let ids: Vec<i64> = acked.iter().map(|a| a.id).collect();
+                        let ids: Vec<DeliveryId> = acked.iter().map(|a| a.id).collect();
                         act.forget(&ids);
                         act.drain(ctx);
                     }
@@ -513,16 +519,19 @@ impl Handler<Ack> for Drain {
 /// `nack` (give back, after `delay`) or `in_progress` (extend the lease).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub enum Settle {
-    Nack {
-        presence_id: Uuid,
-        message_id: Uuid,
-        delay: Duration,
-    },
-    InProgress {
-        presence_id: Uuid,
-        message_id: Uuid,
-    },
+pub struct Settle {
+    pub presence_id: PresenceId,
+    pub message_id: MessageId,
+    pub how: Settlement,
+}
+
+/// What a `nack` or `in_progress` asks of a pushed delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// Give it back, eligible again after this delay.
+    Nack(Duration),
+    /// Extend its lease by another lease.
+    InProgress,
 }
 
 impl Handler<Settle> for Drain {
@@ -531,12 +540,7 @@ impl Handler<Settle> for Drain {
         self.count();
         let shared = self.shared.clone();
         let lease = shared.config.delivery.lease.get();
-        let (presence_id, is_nack, delay) = match &msg {
-            Settle::Nack {
-                presence_id, delay, ..
-            } => (*presence_id, true, *delay),
-            Settle::InProgress { presence_id, .. } => (*presence_id, false, Duration::ZERO),
-        };
+        let presence_id = msg.presence_id;
         if !self.conns.contains_key(&presence_id) || !self.admit(presence_id) {
             return;
         }
@@ -545,16 +549,14 @@ impl Handler<Settle> for Drain {
             ctx,
             async move {
                 let mut conn = shared.pool.get().await.map_err(|e| e.to_string())?;
-                match msg {
-                    Settle::Nack {
-                        presence_id,
-                        message_id,
-                        delay,
-                    } => queries::nack(&mut conn, presence_id, message_id, delay).await,
-                    Settle::InProgress {
-                        presence_id,
-                        message_id,
-                    } => queries::extend_lease(&mut conn, presence_id, message_id, lease).await,
+                let (presence, message) = (msg.presence_id.0, msg.message_id.0);
+                match msg.how {
+                    Settlement::Nack(delay) => {
+                        queries::nack(&mut conn, presence, message, delay).await
+                    }
+                    Settlement::InProgress => {
+                        queries::extend_lease(&mut conn, presence, message, lease).await
+                    }
                 }
                 .map_err(|e| e.to_string())
             }
@@ -566,43 +568,50 @@ impl Handler<Settle> for Drain {
                         act.settles_in_flight.remove(&presence_id);
                     }
                 }
-                act.settled(ctx, result, presence_id, is_nack, delay, lease)
+                match result {
+                    Ok(rows) if !rows.is_empty() => {
+                        let ids: Vec<DeliveryId> = rows.iter().map(|r| r.id).collect();
+                        act.settled(ctx, presence_id, msg.how, &ids, lease)
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "nack/in_progress not recorded"),
+                }
             }),
         );
     }
 }
 
 impl Drain {
-    /// A nack or in_progress was recorded: forget or extend the slots.
+    /// A nack or in_progress was recorded for these deliveries: forget
+    /// them (and drain again, now and after the delay), or extend their
+    /// slots' leases.
     fn settled(
         &mut self,
         ctx: &mut Context<Self>,
-        result: Result<Vec<queries::Touched>, String>,
-        presence_id: Uuid,
-        is_nack: bool,
-        delay: Duration,
+        presence_id: PresenceId,
+        how: Settlement,
+        ids: &[DeliveryId],
         lease: Duration,
     ) {
-        match result {
-            Ok(rows) if !rows.is_empty() => {
-                let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-                if is_nack {
-                    self.forget(&ids);
-                    self.drain(ctx);
-                    if !delay.is_zero() {
-                        ctx.run_later(delay, |act, ctx| act.drain(ctx));
-                    }
-                } else if let Some(c) = self.conns.get_mut(&presence_id) {
-                    let until = Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default();
-                    for id in ids {
-                        if let Some(e) = c.in_flight.get_mut(&id) {
-                            *e = until;
-                        }
+        match how {
+            Settlement::Nack(delay) => {
+                self.forget(ids);
+                self.drain(ctx);
+                if !delay.is_zero() {
+                    ctx.run_later(delay, |act, ctx| act.drain(ctx));
+                }
+            }
+            Settlement::InProgress => {
+                let Some(c) = self.conns.get_mut(&presence_id) else {
+                    return;
+                };
+                let until = Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default();
+                for id in ids {
+                    if let Some(e) = c.in_flight.get_mut(id) {
+                        *e = until;
                     }
                 }
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "nack/in_progress not recorded"),
         }
     }
 }

@@ -35,6 +35,7 @@ use uuid::Uuid;
 use super::registry::{self, Registry};
 use super::Shared;
 use crate::db::lifecycle::{self, WalkCursor};
+use crate::ids::MemberId;
 use crate::metrics::{ActorKind, Metrics, RetentionTable};
 
 /// Rows one statement deletes at most.
@@ -130,7 +131,9 @@ impl Janitor {
                     }
                     act.walk = pass.walk;
                     if !pass.wake.is_empty() {
-                        act.registry.do_send(registry::WakeMembers(pass.wake));
+                        act.registry.do_send(registry::WakeMembers(
+                            pass.wake.into_iter().map(MemberId).collect(),
+                        ));
                     }
                     if pass.behind {
                         ctx.run_later(CATCH_UP, |act, ctx| act.pass(ctx));

@@ -1,12 +1,18 @@
 //! The broker's actors and the state they share.
 //!
-//! - [`session::WsSession`]: one per WebSocket connection, tagged with its role.
-//! - [`registry::Registry`]: the presence registry; routes between sessions and drains.
+//! Listed in the order they depend on each other (each uses only those
+//! before it):
+//! - [`backlog`] / [`conn`]: a connection's outward face — what the drain
+//!   and registry may send it, through a handle of `Recipient`s, bounded by
+//!   its backlog.
 //! - [`drain::Drain`]: one per member with a live connection; claims, pushes, acks.
+//! - [`registry::Registry`]: the presence registry; routes between sessions and drains.
+//! - [`session::WsSession`]: one per WebSocket connection, tagged with its role.
 //! - [`sweeper::Sweeper`]: supervised; leases, dead letters, grace windows.
 //! - [`janitor::Janitor`]: supervised; retention and expiry deletes, wakes drains.
 
 pub mod backlog;
+pub mod conn;
 pub mod drain;
 pub mod janitor;
 pub mod registry;
@@ -32,9 +38,6 @@ pub struct Shared {
     /// Per-member send token buckets (`limits.send_burst` / `send_per_sec`).
     pub send_limits: RateLimiter<uuid::Uuid>,
 }
-
-// Defined below db, whose SQL form of the rule shares its `sid:` prefix.
-pub use crate::ids::connection_key;
 
 /// Token buckets keyed by `K`: `burst` tokens, refilled at `per_sec`.
 pub struct RateLimiter<K> {
@@ -73,6 +76,27 @@ impl<K: std::hash::Hash + Eq + Clone> RateLimiter<K> {
         } else {
             false
         }
+    }
+}
+
+/// A `Shared` for actor unit tests: default config, and a pool that is
+/// never connected (a checkout fails after its timeout), so what is tested
+/// is the actors' own logic.
+#[cfg(test)]
+pub(crate) fn test_shared() -> Shared {
+    use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+    let config = Config::default();
+    let manager = AsyncDieselConnectionManager::<diesel_async::AsyncPgConnection>::new(
+        "postgres://nobody@127.0.0.1:1/none",
+    );
+    Shared {
+        send_limits: RateLimiter::new(config.limits.send_burst, config.limits.send_per_sec),
+        config: Arc::new(config),
+        pool: bb8::Pool::builder()
+            .connection_timeout(std::time::Duration::from_millis(100))
+            .build_unchecked(manager),
+        metrics: Arc::new(Metrics::default()),
+        node_id: NodeId::new(),
     }
 }
 

@@ -7,7 +7,7 @@
 //! a lease reclaimed) to drains, and sends the system pushes
 //! (`peer_joined`, `peer_left`, `peer_visible`, `peer_hidden`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::sync::Arc;
 
@@ -15,21 +15,21 @@ use actix::prelude::*;
 use serde_json::json;
 use uuid::Uuid;
 
-use super::backlog::Backlog;
-use super::drain::{self, Drain};
-use super::session::{CloseConn, Outbound, WsSession};
+use super::conn::{CloseReason, ConnHandle, Outbound};
+use super::drain::{self, Drain, Leaving};
 use super::Shared;
 use crate::db::queries;
-use crate::ids::Role;
+use crate::ids::{DeliveryId, MemberId, MeshId, PresenceId, Role};
 use crate::metrics::ActorKind;
-use crate::protocol::{self, Group, Push};
+use crate::protocol::{self, Push};
+use crate::routing::{self, Identity, KickSelector, Kickable};
 
 /// One live connection, as the registry knows it.
 #[derive(Clone)]
 pub struct ConnEntry {
-    pub presence_id: Uuid,
-    pub mesh_id: Uuid,
-    pub member_id: Uuid,
+    pub presence_id: PresenceId,
+    pub mesh_id: MeshId,
+    pub member_id: MemberId,
     pub member_pubkey: String,
     pub role: Role,
     pub session_id: String,
@@ -37,13 +37,12 @@ pub struct ConnEntry {
     /// Deliveries keyed to this connection carry this key.
     pub key: String,
     pub display_name: String,
-    pub groups: Vec<Group>,
+    /// Listed to peers: system events about it are sent only while true.
     pub visible: bool,
-    pub addr: Addr<WsSession>,
+    /// What the registry and the drain may send it.
+    pub handle: ConnHandle,
     /// Unix millis of the last frame or pong, written by the session.
     pub last_seen: Arc<AtomicI64>,
-    /// What the connection has not yet taken; every push goes through it.
-    pub backlog: Arc<Backlog>,
 }
 
 impl ConnEntry {
@@ -53,18 +52,67 @@ impl ConnEntry {
             .as_deref()
             .unwrap_or(&self.member_pubkey)
     }
+
+    fn identity(&self) -> Identity<'_> {
+        Identity {
+            mesh_id: self.mesh_id,
+            member_id: self.member_id,
+            role: self.role,
+            session_id: &self.session_id,
+            session_pubkey: self.session_pubkey.as_deref(),
+        }
+    }
+}
+
+/// A system push (`peer_joined`, `peer_left`, …) about one connection.
+fn system_event(
+    mesh_id: MeshId,
+    event: &'static str,
+    display_name: &str,
+    pubkey: &str,
+    role: Role,
+) -> String {
+    let push = Push {
+        ty: "push",
+        message_id: Uuid::new_v4().to_string(),
+        mesh_id: mesh_id.to_string(),
+        sender_pubkey: "system".into(),
+        sender_member_pubkey: None,
+        sender_member_id: None,
+        sender_name: None,
+        priority: "low".into(),
+        nonce: String::new(),
+        ciphertext: String::new(),
+        created_at: protocol::iso(chrono::Utc::now()),
+        target_spec: None,
+        client_message_id: None,
+        request_fingerprint: None,
+        reply_to_id: None,
+        mentions: None,
+        attempt: None,
+        subtype: Some("system"),
+        event: Some(event),
+        event_data: Some(json!({
+            "name": display_name,
+            "displayName": display_name,
+            "pubkey": pubkey,
+            "peerRole": role,
+        })),
+    };
+    serde_json::to_string(&push).expect("push serializes")
 }
 
 pub struct Registry {
     shared: Arc<Shared>,
-    conns: HashMap<Uuid, ConnEntry>,
+    conns: HashMap<PresenceId, ConnEntry>,
     /// Connections replaced by a newer hello: they close without a grace
     /// window (the replacement took their place).
-    replaced: std::collections::HashSet<Uuid>,
+    replaced: HashSet<PresenceId>,
     /// Connections closed because their member was revoked: they close
     /// without a grace window (no hello of theirs can take it over).
-    revoked: std::collections::HashSet<Uuid>,
-    drains: HashMap<Uuid, Addr<Drain>>,
+    revoked: HashSet<PresenceId>,
+    drains: HashMap<MemberId, Addr<Drain>>,
+    /// Graceful shutdown began: closing connections leave their rows to it.
     shutting_down: bool,
 }
 
@@ -86,45 +134,21 @@ impl Registry {
 
     /// Sends a system event about `subject` to the mesh's other members.
     fn announce(&self, subject: &ConnEntry, event: &'static str) {
-        let push = Push {
-            ty: "push",
-            message_id: Uuid::new_v4().to_string(),
-            mesh_id: subject.mesh_id.to_string(),
-            sender_pubkey: "system".into(),
-            sender_member_pubkey: None,
-            sender_member_id: None,
-            sender_name: None,
-            priority: "low".into(),
-            nonce: String::new(),
-            ciphertext: String::new(),
-            created_at: protocol::iso(chrono::Utc::now()),
-            target_spec: None,
-            client_message_id: None,
-            request_fingerprint: None,
-            reply_to_id: None,
-            mentions: None,
-            attempt: None,
-            subtype: Some("system"),
-            event: Some(event),
-            event_data: Some(json!({
-                "name": subject.display_name,
-                "displayName": subject.display_name,
-                "pubkey": subject.pubkey(),
-                "peerRole": subject.role,
-            })),
-        };
-        let text = serde_json::to_string(&push).expect("push serializes");
+        let text = system_event(
+            subject.mesh_id,
+            event,
+            &subject.display_name,
+            subject.pubkey(),
+            subject.role,
+        );
         self.broadcast_system(subject.mesh_id, subject.member_id, &text);
     }
 
-    fn broadcast_system(&self, mesh_id: Uuid, except_member: Uuid, text: &str) {
+    fn broadcast_system(&self, mesh_id: MeshId, except_member: MemberId, text: &str) {
         for c in self.conns.values() {
             if c.mesh_id == mesh_id && c.member_id != except_member {
-                c.backlog.offer(
-                    &c.addr,
-                    Outbound::system(text.to_owned()),
-                    &self.shared.metrics,
-                );
+                c.handle
+                    .offer(Outbound::System(text.to_owned()), &self.shared.metrics);
             }
         }
     }
@@ -139,7 +163,7 @@ impl Actor for Registry {
         // can be told apart from a quiet one (the sweeper reaps stale rows).
         let every = self.shared.config.presence.ping_interval.get();
         ctx.run_interval(every, |act, ctx| {
-            let ids: Vec<Uuid> = act.conns.keys().copied().collect();
+            let ids: Vec<Uuid> = act.conns.keys().map(|id| id.0).collect();
             if ids.is_empty() {
                 return;
             }
@@ -165,8 +189,16 @@ impl Actor for Registry {
 #[rtype(result = "Addr<Drain>")]
 pub struct Connect {
     pub entry: ConnEntry,
-    /// It took over a closed connection inside its grace window.
-    pub silent: bool,
+    pub arrival: Arrival,
+}
+
+/// Whether peers hear of a connection that passed its hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// `peer_joined` (unless it replaced a live connection).
+    New,
+    /// It took over a closed connection inside its grace window: silent.
+    TakeOver,
 }
 
 impl Handler<Connect> for Registry {
@@ -175,31 +207,16 @@ impl Handler<Connect> for Registry {
     fn handle(&mut self, msg: Connect, _: &mut Self::Context) -> Self::Result {
         self.count();
         let entry = msg.entry;
-        // A hello replaces the hello connection with its sessionId; a
-        // session_hello the session with its sessionPubkey. Neither kind
-        // ever replaces the other.
-        let replaced: Vec<Uuid> = self
+        let replaced: Vec<PresenceId> = self
             .conns
             .values()
-            .filter(|c| {
-                c.mesh_id == entry.mesh_id
-                    && if entry.role == Role::Session {
-                        c.role == Role::Session && c.session_pubkey == entry.session_pubkey
-                    } else {
-                        c.role != Role::Session
-                            && c.member_id == entry.member_id
-                            && c.session_id == entry.session_id
-                    }
-            })
+            .filter(|c| routing::replaces(&entry.identity(), &c.identity()))
             .map(|c| c.presence_id)
             .collect();
         for id in &replaced {
             if let Some(old) = self.conns.get(id) {
                 self.replaced.insert(*id);
-                old.addr.do_send(CloseConn {
-                    code: 1000,
-                    reason: "session_replaced".into(),
-                });
+                old.handle.close(CloseReason::Replaced);
             }
         }
         let drain = self
@@ -209,13 +226,12 @@ impl Handler<Connect> for Registry {
             .clone();
         drain.do_send(drain::AddConn {
             presence_id: entry.presence_id,
-            addr: entry.addr.clone(),
+            handle: entry.handle.clone(),
             key: entry.key.clone(),
             role: entry.role,
             has_session_pubkey: entry.session_pubkey.is_some(),
-            backlog: entry.backlog.clone(),
         });
-        if !msg.silent && replaced.is_empty() && entry.visible {
+        if msg.arrival == Arrival::New && replaced.is_empty() && entry.visible {
             self.announce(&entry, "peer_joined");
         }
         self.conns.insert(entry.presence_id, entry);
@@ -227,7 +243,7 @@ impl Handler<Connect> for Registry {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Disconnect {
-    pub presence_id: Uuid,
+    pub presence_id: PresenceId,
 }
 
 impl Handler<Disconnect> for Registry {
@@ -244,7 +260,11 @@ impl Handler<Disconnect> for Registry {
         if let Some(drain) = self.drains.get(&entry.member_id) {
             drain.do_send(drain::RemoveConn {
                 presence_id: entry.presence_id,
-                last,
+                leaving: if last {
+                    Leaving::Last
+                } else {
+                    Leaving::OneOfSeveral
+                },
             });
         }
         if last {
@@ -265,7 +285,7 @@ impl Handler<Disconnect> for Registry {
                     tracing::warn!(presence = %entry.presence_id, "database unavailable: presence row left open; the sweeper reaps it");
                     return;
                 };
-                if let Err(e) = queries::close_presence(&mut conn, entry.presence_id, with_grace.then_some(grace)).await {
+                if let Err(e) = queries::close_presence(&mut conn, entry.presence_id.0, with_grace.then_some(grace)).await {
                     tracing::warn!(presence = %entry.presence_id, error = %e, "could not close presence row");
                 }
             }
@@ -277,7 +297,7 @@ impl Handler<Disconnect> for Registry {
 /// Something happened that may let these members' drains push more.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct WakeMembers(pub Vec<Uuid>);
+pub struct WakeMembers(pub Vec<MemberId>);
 
 impl Handler<WakeMembers> for Registry {
     type Result = ();
@@ -302,10 +322,10 @@ impl Handler<Reclaimed> for Registry {
 
     fn handle(&mut self, msg: Reclaimed, _: &mut Self::Context) {
         self.count();
-        let mut by_member: HashMap<Uuid, Vec<i64>> = HashMap::new();
+        let mut by_member: HashMap<MemberId, Vec<DeliveryId>> = HashMap::new();
         for row in msg.0 {
             by_member
-                .entry(row.recipient_member_id)
+                .entry(MemberId(row.recipient_member_id))
                 .or_default()
                 .push(row.id);
         }
@@ -320,7 +340,7 @@ impl Handler<Reclaimed> for Registry {
 /// The members with a live connection on this broker (the sweeper checks
 /// them for revocation).
 #[derive(Message)]
-#[rtype(result = "Vec<Uuid>")]
+#[rtype(result = "Vec<MemberId>")]
 pub struct LiveMembers;
 
 impl Handler<LiveMembers> for Registry {
@@ -328,8 +348,7 @@ impl Handler<LiveMembers> for Registry {
 
     fn handle(&mut self, _: LiveMembers, _: &mut Self::Context) -> Self::Result {
         self.count();
-        let members: std::collections::HashSet<Uuid> =
-            self.conns.values().map(|c| c.member_id).collect();
+        let members: HashSet<MemberId> = self.conns.values().map(|c| c.member_id).collect();
         MessageResult(members.into_iter().collect())
     }
 }
@@ -339,7 +358,7 @@ impl Handler<LiveMembers> for Registry {
 /// member) until they expire.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Revoked(pub Vec<Uuid>);
+pub struct Revoked(pub Vec<MemberId>);
 
 impl Handler<Revoked> for Registry {
     type Result = ();
@@ -351,10 +370,7 @@ impl Handler<Revoked> for Registry {
                 continue;
             }
             tracing::info!(member = %c.member_id, presence = %c.presence_id, "member revoked: closing its connection");
-            c.addr.do_send(CloseConn {
-                code: 4002,
-                reason: "revoked".into(),
-            });
+            c.handle.close(CloseReason::Revoked);
         }
     }
 }
@@ -370,16 +386,15 @@ impl Handler<GraceEnded> for Registry {
     fn handle(&mut self, msg: GraceEnded, _: &mut Self::Context) {
         self.count();
         for gone in msg.0 {
-            let push = json!({
-                "type": "push", "subtype": "system", "event": "peer_left",
-                "messageId": Uuid::new_v4().to_string(), "meshId": gone.mesh_id.to_string(),
-                "senderPubkey": "system", "priority": "low", "nonce": "", "ciphertext": "",
-                "createdAt": protocol::iso(chrono::Utc::now()),
-                "eventData": {"name": gone.display_name, "displayName": gone.display_name,
-                              "pubkey": gone.pubkey,
-                              "peerRole": gone.role},
-            });
-            self.broadcast_system(gone.mesh_id, gone.member_id, &push.to_string());
+            let mesh_id = MeshId(gone.mesh_id);
+            let text = system_event(
+                mesh_id,
+                "peer_left",
+                &gone.display_name,
+                &gone.pubkey,
+                gone.role,
+            );
+            self.broadcast_system(mesh_id, MemberId(gone.member_id), &text);
         }
     }
 }
@@ -389,16 +404,11 @@ impl Handler<GraceEnded> for Registry {
 #[rtype(result = "()")]
 pub enum Changed {
     /// Its status (already written to the database): the gate may open.
-    Status {
-        presence_id: Uuid,
-    },
+    Status { presence_id: PresenceId },
+    /// Shown to or hidden from peers (already written).
     Visible {
-        presence_id: Uuid,
+        presence_id: PresenceId,
         visible: bool,
-    },
-    Groups {
-        presence_id: Uuid,
-        groups: Vec<Group>,
     },
 }
 
@@ -436,35 +446,28 @@ impl Handler<Changed> for Registry {
                     },
                 );
             }
-            Changed::Groups {
-                presence_id,
-                groups,
-            } => {
-                if let Some(c) = self.conns.get_mut(&presence_id) {
-                    c.groups = groups;
-                }
-            }
         }
     }
-}
-
-/// Which connections an admin's `kick` / `disconnect` names.
-#[derive(Debug, Clone)]
-pub enum KickSelector {
-    Target(String),
-    All,
-    /// Silent for longer than this many milliseconds.
-    Stale(i64),
 }
 
 /// An admin's `kick` (skips control-plane, 4001) or `disconnect` (1000).
 #[derive(Message)]
 #[rtype(result = "KickOutcome")]
 pub struct Kick {
-    pub mesh_id: Uuid,
-    pub asker: Uuid,
+    pub mesh_id: MeshId,
+    pub asker: PresenceId,
     pub selector: KickSelector,
-    pub skip_control_plane: bool,
+    pub kind: KickKind,
+}
+
+/// `kick` or `disconnect`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KickKind {
+    /// Closes 4001 and leaves control-plane connections alone (listed in
+    /// `skipped_control_plane`): a kicked daemon would reconnect at once.
+    Kick,
+    /// Closes 1000, every role.
+    Disconnect,
 }
 
 #[derive(Debug, Default, MessageResponse)]
@@ -485,35 +488,23 @@ impl Handler<Kick> for Registry {
             if c.mesh_id != msg.mesh_id || c.presence_id == msg.asker {
                 continue;
             }
-            let matches = match &msg.selector {
-                KickSelector::All => true,
-                KickSelector::Stale(ms) => now - c.last_seen.load(Relaxed) > *ms,
-                KickSelector::Target(t) => {
-                    c.display_name == *t
-                        || c.member_pubkey == *t
-                        || (t.len() >= 4
-                            && (c.member_pubkey.starts_with(t.as_str())
-                                || c.session_pubkey
-                                    .as_deref()
-                                    .is_some_and(|p| p.starts_with(t.as_str()))))
-                }
+            let kickable = Kickable {
+                display_name: &c.display_name,
+                member_pubkey: &c.member_pubkey,
+                session_pubkey: c.session_pubkey.as_deref(),
+                silent_ms: now - c.last_seen.load(Relaxed),
             };
-            if !matches {
+            if !routing::kick_matches(&msg.selector, &kickable) {
                 continue;
             }
             out.affected.push(c.display_name.clone());
-            if msg.skip_control_plane && c.role == Role::ControlPlane {
+            if msg.kind == KickKind::Kick && c.role == Role::ControlPlane {
                 out.skipped_control_plane.push(c.display_name.clone());
                 continue;
             }
-            let (code, reason) = if msg.skip_control_plane {
-                (4001, "kicked")
-            } else {
-                (1000, "disconnected")
-            };
-            c.addr.do_send(CloseConn {
-                code,
-                reason: reason.into(),
+            c.handle.close(match msg.kind {
+                KickKind::Kick => CloseReason::Kicked,
+                KickKind::Disconnect => CloseReason::Disconnected,
             });
             out.kicked.push(c.display_name.clone());
         }
@@ -554,12 +545,148 @@ impl Handler<Shutdown> for Registry {
             .into_actor(self)
             .map(|_, act, _| {
                 for c in act.conns.values() {
-                    c.addr.do_send(CloseConn {
-                        code: 1001,
-                        reason: "broker shutting down".into(),
-                    });
+                    c.handle.close(CloseReason::Shutdown);
                 }
             }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::actors::backlog::Backlog;
+    use crate::actors::conn::CloseConn;
+
+    /// What a probe connection was sent.
+    #[derive(Debug, Clone, PartialEq)]
+    enum Heard {
+        System(String),
+        Closed(CloseReason),
+    }
+
+    /// Stands in for a session: records what the registry sends it.
+    struct Probe(Arc<Mutex<Vec<Heard>>>);
+
+    impl Actor for Probe {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Outbound> for Probe {
+        type Result = ();
+        fn handle(&mut self, msg: Outbound, _: &mut Self::Context) {
+            if let Outbound::System(text) = msg {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                let event = v["event"].as_str().unwrap().to_owned();
+                self.0.lock().unwrap().push(Heard::System(event));
+            }
+        }
+    }
+
+    impl Handler<CloseConn> for Probe {
+        type Result = ();
+        fn handle(&mut self, CloseConn(reason): CloseConn, _: &mut Self::Context) {
+            self.0.lock().unwrap().push(Heard::Closed(reason));
+        }
+    }
+
+    fn registry() -> Addr<Registry> {
+        Registry::new(Arc::new(crate::actors::test_shared())).start()
+    }
+
+    /// Registers a probe connection; returns what it hears.
+    async fn connect(
+        registry: &Addr<Registry>,
+        member: u128,
+        role: Role,
+        session_id: &str,
+        session_pubkey: Option<&str>,
+    ) -> (PresenceId, Arc<Mutex<Vec<Heard>>>) {
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let probe = Probe(heard.clone()).start();
+        let presence_id = PresenceId::new();
+        let entry = ConnEntry {
+            presence_id,
+            mesh_id: MeshId(Uuid::from_u128(1)),
+            member_id: MemberId(Uuid::from_u128(member)),
+            member_pubkey: format!("{member:064x}"),
+            role,
+            session_id: session_id.into(),
+            session_pubkey: session_pubkey.map(str::to_owned),
+            key: routing::connection_key(session_pubkey, session_id),
+            display_name: format!("m{member}"),
+            visible: true,
+            handle: ConnHandle::new(&probe, Arc::new(Backlog::new(1 << 20, None))),
+            last_seen: Arc::new(AtomicI64::new(chrono::Utc::now().timestamp_millis())),
+        };
+        registry
+            .send(Connect {
+                entry,
+                arrival: Arrival::New,
+            })
+            .await
+            .unwrap();
+        (presence_id, heard)
+    }
+
+    async fn settle() {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    fn heard(h: &Arc<Mutex<Vec<Heard>>>) -> Vec<Heard> {
+        h.lock().unwrap().clone()
+    }
+
+    #[actix_web::test]
+    async fn a_hello_replaces_its_own_identity_and_peers_hear_one_join() {
+        let reg = registry();
+        let (_, other) = connect(&reg, 2, Role::Session, "s2", Some("k2")).await;
+        let (_, daemon) = connect(&reg, 1, Role::ControlPlane, "d", None).await;
+        let (_, cli) = connect(&reg, 1, Role::ControlPlane, "d", Some("cli")).await;
+        let (_, again) = connect(&reg, 1, Role::ControlPlane, "d", None).await;
+        settle().await;
+        assert_eq!(heard(&daemon), vec![Heard::Closed(CloseReason::Replaced)]);
+        assert!(heard(&cli).is_empty(), "a CLI key is another identity");
+        assert!(heard(&again).is_empty());
+        let joined = |h: &[Heard]| {
+            h.iter()
+                .filter(|e| **e == Heard::System("peer_joined".into()))
+                .count()
+        };
+        assert_eq!(
+            joined(&heard(&other)),
+            2,
+            "the daemon and the CLI joined; the replacement was silent"
+        );
+    }
+
+    #[actix_web::test]
+    async fn kick_spares_the_daemon_and_the_asker_and_disconnect_does_not() {
+        let reg = registry();
+        let (asker, asker_heard) = connect(&reg, 1, Role::Session, "a", Some("ka")).await;
+        let (_, daemon) = connect(&reg, 2, Role::ControlPlane, "d", None).await;
+        let (_, session) = connect(&reg, 2, Role::Session, "s", Some("ks")).await;
+        let kick = |kind| Kick {
+            mesh_id: MeshId(Uuid::from_u128(1)),
+            asker,
+            selector: KickSelector::All,
+            kind,
+        };
+        let out = reg.send(kick(KickKind::Kick)).await.unwrap();
+        assert_eq!(out.kicked, vec!["m2".to_owned()]);
+        assert_eq!(out.skipped_control_plane, vec!["m2".to_owned()]);
+        assert_eq!(out.affected.len(), 2);
+        settle().await;
+        assert!(heard(&session).contains(&Heard::Closed(CloseReason::Kicked)));
+        assert!(!heard(&daemon).iter().any(|h| matches!(h, Heard::Closed(_))));
+        let out = reg.send(kick(KickKind::Disconnect)).await.unwrap();
+        assert_eq!(out.kicked.len(), 2, "disconnect closes every role");
+        settle().await;
+        assert!(heard(&daemon).contains(&Heard::Closed(CloseReason::Disconnected)));
+        assert!(!heard(&asker_heard)
+            .iter()
+            .any(|h| matches!(h, Heard::Closed(_))));
     }
 }

@@ -15,6 +15,7 @@ use actix::prelude::*;
 use super::registry::{self, Registry};
 use super::Shared;
 use crate::db::queries;
+use crate::ids::MemberId;
 use crate::metrics::{ActorKind, Metrics};
 
 /// Rows one pass touches per step at most, so no statement grows huge.
@@ -77,6 +78,7 @@ impl Sweeper {
             queries::close_dedupe_windows(&mut conn, cfg.delivery.dedupe_window.get(), BATCH)
                 .await
                 .map_err(e)?;
+            let live: Vec<uuid::Uuid> = live.iter().map(|m| m.0).collect();
             let revoked = queries::revoked_among(&mut conn, &live, BATCH)
                 .await
                 .map_err(e)?;
@@ -104,7 +106,9 @@ impl Sweeper {
                         act.registry.do_send(registry::GraceEnded(grace));
                     }
                     if !revoked.is_empty() {
-                        act.registry.do_send(registry::Revoked(revoked));
+                        act.registry.do_send(registry::Revoked(
+                            revoked.into_iter().map(MemberId).collect(),
+                        ));
                     }
                 }
                 Err(e) => {

@@ -2,7 +2,7 @@
 //! needs one is built from here, so the claim, the janitor's wake-up, the
 //! sweeper and the operator's requeue cannot drift apart.
 
-use crate::ids::SID_KEY_PREFIX;
+use crate::ids::SESSION_ID_KEY_PREFIX;
 
 /// The `SET` list that clears a claim: every release, lease expiry, nack,
 /// dead-lettering and requeue uses it, so no claim column is left behind
@@ -28,7 +28,7 @@ pub fn claimable(q: &str, max_attempts: &str) -> String {
 /// [`crate::ids::connection_key`] of presence row `p`, in SQL: its session
 /// pubkey, else `sid:` and its session id.
 pub fn connection_key(p: &str) -> String {
-    format!("COALESCE(NULLIF({p}.session_pubkey, ''), '{SID_KEY_PREFIX}' || {p}.session_id)")
+    format!("COALESCE(NULLIF({p}.session_pubkey, ''), '{SESSION_ID_KEY_PREFIX}' || {p}.session_id)")
 }
 
 #[cfg(test)]

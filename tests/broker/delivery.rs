@@ -725,3 +725,68 @@ async fn an_expired_message_is_never_pushed() {
     bc.ack(&push).await.must();
     assert_no_push(&mut bc, "bob (expired message)").await;
 }
+
+/// docs/protocol.md §4: an attempt is a push the socket accepted. A claim
+/// that never reached its connection (it left while the claim ran, or was
+/// being cut off) is given back by claim id with its attempt taken back;
+/// a delivery claimed again meanwhile is left alone.
+#[actix_web::test]
+async fn claims_never_pushed_are_given_back_without_using_an_attempt() {
+    use meshbroker::db::queries::{self, ClaimSpec};
+    let env = TestEnv::start().await;
+    let (a, b) = (env.member("alice").await, env.member("bob").await);
+    let mut ac = env.connect(&a).await;
+    let ack = ac
+        .send_frame(send_frame(&b.pubkey(), "x", "now"))
+        .await
+        .must();
+    assert_eq!(ack["queued"], true, "{ack}");
+    let attempts = || async {
+        env.rows("SELECT attempts, claim_id IS NOT NULL AS claimed FROM mesh.message_queue")
+            .await
+    };
+    let spec = ClaimSpec {
+        member_id: b.id.parse().unwrap(),
+        presence_id: uuid::Uuid::new_v4(),
+        key: "",
+        member_wide: true,
+        limit: 10,
+        lease: Duration::from_secs(30),
+        node_id: uuid::Uuid::new_v4(),
+        max_attempts: 10,
+    };
+    let mut conn = env.pool.get().await.expect("db conn");
+    let first = queries::claim(&mut conn, &spec).await.expect("claim");
+    assert_eq!(first.len(), 1);
+    assert_eq!(attempts().await[0]["attempts"], 1);
+    let ids: Vec<_> = first.iter().map(|r| r.claim_id).collect();
+    assert_eq!(
+        queries::release_unpushed(&mut conn, &ids)
+            .await
+            .expect("give back"),
+        1
+    );
+    let row = &attempts().await[0];
+    assert_eq!(
+        (row["attempts"].clone(), row["claimed"].clone()),
+        (json!(0), json!(false))
+    );
+
+    let second = queries::claim(&mut conn, &spec).await.expect("claim");
+    assert_eq!(
+        second[0].attempts, 1,
+        "the given-back claim counted nothing"
+    );
+    assert_eq!(
+        queries::release_unpushed(&mut conn, &ids)
+            .await
+            .expect("give back"),
+        0,
+        "a stale claim id gives back nothing"
+    );
+    let row = &attempts().await[0];
+    assert_eq!(
+        (row["attempts"].clone(), row["claimed"].clone()),
+        (json!(1), json!(true))
+    );
+}

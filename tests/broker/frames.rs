@@ -34,6 +34,36 @@ async fn unknown_type_is_unsupported_with_req_id_echoed() {
     conn.list_peers(None).await.must();
 }
 
+/// docs/protocol.md §1: an unknown frame without `_reqId` (the claudemesh
+/// CLI sends `set_stats`, `set_profile`, `set_state`, `forget`) is dropped
+/// unanswered and counted: an id-less `error` would resolve the CLI's
+/// oldest pending request with an empty result.
+#[actix_web::test]
+async fn unknown_type_without_req_id_is_ignored_and_counted() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let mut conn = env.connect(&a).await;
+    for ty in ["set_stats", "set_profile", "set_state", "forget"] {
+        conn.send_json(&json!({"type": ty, "stats": {"x": 1}}))
+            .await
+            .must();
+    }
+    // A request in flight gets its own answer, not an error.
+    let peers = conn.list_peers(None).await.must();
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    let frames = conn.drain_for(QUIET).await.must();
+    assert!(
+        frames.iter().all(|f| f["type"] != "error"),
+        "ignored frames were answered: {frames:?}"
+    );
+    env.wait_metric(
+        "meshbroker_frames_rejected_total",
+        &[("reason", "ignored")],
+        |v| v == 4.0,
+    )
+    .await;
+}
+
 #[actix_web::test]
 async fn frames_before_hello_get_no_hello() {
     let env = TestEnv::start().await;

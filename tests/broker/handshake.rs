@@ -6,6 +6,7 @@ use meshbroker::client::{
 use meshbroker::crypto;
 
 use crate::support::*;
+use ed25519_dalek::SigningKey;
 
 fn named(name: &str) -> HelloOptions {
     HelloOptions {
@@ -303,6 +304,58 @@ async fn second_hello_with_same_session_id_replaces_the_first_but_never_a_sessio
         "session still listed: {peers:?}"
     );
     second.list_peers(None).await.must();
+}
+
+/// docs/protocol.md §2: a `hello` with a `sessionPubkey` replaces only the
+/// hello connection with the same `sessionId` *and* `sessionPubkey`. The
+/// claudemesh CLI opens one such hello per command, each with a fresh
+/// session key: parallel commands of one session must not knock each other
+/// off (nor the daemon, nor the session).
+#[actix_web::test]
+async fn parallel_cli_hellos_of_one_session_coexist_and_replace_only_their_own_key() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let sid = format!("sid-{}", uuid::Uuid::new_v4());
+    let cli = |name: &str, key: &SigningKey| HelloOptions {
+        session_id: Some(sid.clone()),
+        session_pubkey: Some(spub(key)),
+        ..named(name)
+    };
+    let sk = client::generate_session_key();
+    let (mut session, _) = env.session_opts(&a, &sk, named("session")).await;
+    let (mut daemon, _) = env
+        .connect_opts(
+            &a,
+            HelloOptions {
+                session_id: Some(sid.clone()),
+                ..named("daemon")
+            },
+        )
+        .await;
+    let (k1, k2) = (
+        client::generate_session_key(),
+        client::generate_session_key(),
+    );
+    let (mut one, _) = env.connect_opts(&a, cli("cli-1", &k1)).await;
+    let (mut two, _) = env.connect_opts(&a, cli("cli-2", &k2)).await;
+    for (who, conn) in [
+        ("session", &mut session),
+        ("daemon", &mut daemon),
+        ("first command", &mut one),
+    ] {
+        let frames = conn.drain_for(QUIET).await.must();
+        assert!(!conn.is_closed(), "{who} was closed: {frames:?}");
+        conn.list_peers(None).await.must();
+    }
+    two.list_peers(None).await.must();
+
+    // The same key and sessionId again: that one, and only that one, goes.
+    let (mut again, _) = env.connect_opts(&a, cli("cli-1b", &k1)).await;
+    let (code, reason) = one.expect_close(WAIT).await.must();
+    assert_eq!((code, reason.as_str()), (Some(1000), "session_replaced"));
+    for conn in [&mut session, &mut daemon, &mut two, &mut again] {
+        conn.list_peers(None).await.must();
+    }
 }
 
 #[actix_web::test]

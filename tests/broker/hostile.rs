@@ -1,10 +1,10 @@
-//! Hostile input over a real socket: the refusals of protocol.md §1–2 not
+//! Hostile input over a real socket: the refusals of docs/protocol.md §1–2 not
 //! covered in `handshake.rs` / `frames.rs`, text bounds, group names that
 //! look like SQL or LIKE patterns, a stream of garbage frames, the limits
 //! (each refused cleanly and counted in /metrics), and secrets kept out of
 //! `print-config` and the broker's output.
 //!
-//! Every refusal of protocol.md §1–2 and the test that exercises it:
+//! Every refusal of docs/protocol.md §1–2 and the test that exercises it:
 //!
 //! | refusal | tests |
 //! |---|---|

@@ -1,5 +1,5 @@
-//! Behaviours the real claudemesh clients rely on beyond the letter of
-//! protocol.md (found by reading their source): throwaway CLI connections,
+//! Behaviours the real claudemesh clients rely on (found by reading their
+//! source; docs/protocol.md §11): throwaway CLI connections,
 //! echo suppression, how refusals are classified, the hook's matching.
 
 use serde_json::json;

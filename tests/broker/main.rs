@@ -1,6 +1,6 @@
 //! meshbroker integration tests: one binary, a real broker in-process per
 //! test (and the real executable in `process`), checked against the wire
-//! contract in protocol.md.
+//! contract in docs/protocol.md.
 
 mod broker_process;
 mod support;

@@ -5,7 +5,7 @@ use std::sync::LazyLock;
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{
-    Bool, Double, Int4, Int8, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid,
+    Array, Bool, Double, Int4, Int8, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid,
 };
 use diesel_async::RunQueryDsl;
 use serde_json::Value;
@@ -217,6 +217,24 @@ pub async fn release_presence_claims(conn: &mut Conn, presence_id: Uuid) -> Quer
     static SQL: LazyLock<String> = LazyLock::new(|| release_where("claim_presence_id"));
     diesel::sql_query(SQL.as_str())
         .bind::<SqlUuid, _>(presence_id)
+        .execute(conn)
+        .await
+}
+
+/// Gives back claims that were never written to their connection (it
+/// left while the claim ran, or was being cut off): released as on a
+/// close, and the attempt the claim counted is taken back, since an
+/// attempt is a push the socket accepted. Matched by claim id, so a
+/// delivery claimed again meanwhile is left alone.
+pub async fn release_unpushed(conn: &mut Conn, claim_ids: &[Uuid]) -> QueryResult<usize> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "UPDATE mesh.message_queue SET {CLAIM_RESET}, attempts = attempts - 1
+              WHERE claim_id = ANY($1) AND delivered_at IS NULL"
+        )
+    });
+    diesel::sql_query(SQL.as_str())
+        .bind::<Array<SqlUuid>, _>(claim_ids)
         .execute(conn)
         .await
 }
