@@ -265,6 +265,18 @@ impl Graph {
                     pair[0], pair[1], e.file, e.line, e.path
                 ));
             }
+            let family = closed.windows(2).any(|pair| {
+                pair[0].starts_with(&format!("{}::", pair[1]))
+                    || pair[1].starts_with(&format!("{}::", pair[0]))
+            });
+            if family {
+                // The usual way into this one is splitting a file into a
+                // directory and keeping the shared types in mod.rs.
+                out.push_str(
+                    "      (a module and its child use each other: move what the children \
+                     share out of the parent into a child of its own)\n",
+                );
+            }
         }
         out
     }
@@ -891,6 +903,26 @@ mod check {
         let text = g.describe_cycles(&cycles);
         assert!(text.contains("  a -> b -> c -> a\n"), "{text}");
         assert!(text.contains("c -> a: src/c.rs:1 `crate::a::Z`"), "{text}");
+        assert!(!text.contains("its child"), "{text}");
+    }
+
+    #[test]
+    fn a_parent_and_child_using_each_other_is_a_cycle_with_a_hint() {
+        let g = tree(&[
+            ("lib.rs", "mod s;"),
+            (
+                "s/mod.rs",
+                "mod hello; pub struct Session; fn f() { hello::run(); }",
+            ),
+            ("s/hello.rs", "use super::Session;"),
+        ]);
+        let cycles = g.cycles();
+        assert_eq!(cycles, [vec!["s".to_owned(), "s::hello".to_owned()]]);
+        let text = g.describe_cycles(&cycles);
+        assert!(
+            text.contains("a module and its child use each other"),
+            "{text}"
+        );
     }
 
     #[test]
