@@ -30,9 +30,13 @@ use std::path::{Path, PathBuf};
 /// protocol / ids / config, db, routing, actors (conn, drain, registry,
 /// session), http, broker, cli. Where the others sit is said beside them.
 const LAYERS: &[(&str, &[&str])] = &[
-    // The vocabulary. `crypto` is pure ed25519 and the signed strings, used by
-    // the handshake checks and the client alike, so it belongs here.
-    ("base", &["protocol", "ids", "config", "crypto"]),
+    // The vocabulary. `error_code` is every refusal's code, which the frames
+    // carry; `crypto` is pure ed25519 and the signed strings, used by the
+    // handshake checks and the client alike.
+    (
+        "base",
+        &["protocol", "ids", "config", "error_code", "crypto"],
+    ),
     // The protocol's other end, behind `meshbroker client` and the tests:
     // whoever talks to a broker must not need the broker's own layers.
     ("client", &["client"]),
@@ -45,14 +49,14 @@ const LAYERS: &[(&str, &[&str])] = &[
     // Work on one database connection, without actors: the hello checks, and
     // the operator's mesh/member and dead-letter commands.
     ("db users", &["handshake", "admin", "dead_letters"]),
-    // Pure routing decisions (being added).
+    // Pure routing decisions: the actors gather the facts and ask.
     ("routing", &["routing"]),
     // `actors` itself holds what every actor shares (`Shared`, the rate
     // limiter).
     ("actors", &["actors"]),
     // A connection's outward face: what drains and the registry may send to
-    // a connection, and its backlog (`actors::conn` is being added;
-    // `backlog` is that face today).
+    // a connection, the handle they send it through, and the backlog every
+    // push goes through.
     ("actors::conn", &["actors::conn", "actors::backlog"]),
     ("actors::drain", &["actors::drain"]),
     ("actors::registry", &["actors::registry"]),
