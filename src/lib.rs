@@ -13,6 +13,8 @@
 //!   - [`protocol`]: wire frames, decoded and encoded, and their bounds.
 //!   - [`ids`]: identifier newtypes and the connection [`ids::Role`].
 //!   - [`config`]: the TOML configuration, validated at load.
+//!   - [`error_code`]: every refusal: wire code, close code, metric label,
+//!     permanent or retryable.
 //!   - [`crypto`]: ed25519 keys and the exact strings each handshake signs.
 //! - [`client`]: a small real protocol client, used by `meshbroker client`,
 //!   the tests and the bench; it needs nothing of the broker.
@@ -26,24 +28,25 @@
 //!   - [`handshake`]: hello verification, offline checks then database checks.
 //!   - [`admin`]: operator actions on meshes and members.
 //!   - [`dead_letters`]: operator actions on dead letters.
+//! - [`routing`]: routing decisions as pure functions: who receives a send,
+//!   which connection claims a delivery, what a hello replaces, whom a kick
+//!   names.
 //! - [`actors`]: what every actor shares ([`actors::Shared`], the rate limiter).
+//!   - [`actors::conn`]: a connection's outward face: what the drain and the
+//!     registry may send it, through a handle of `Recipient`s.
 //!   - [`actors::backlog`]: one connection's output bounds and socket handle.
 //!   - [`actors::drain`]: one per member with a live connection; claims,
 //!     pushes, takes acks.
 //!   - [`actors::registry`]: every live connection and drain; routes between them.
-//!   - [`actors::session`]: one per WebSocket connection, tagged with its role.
+//!   - [`actors::session`]: one per WebSocket connection, tagged with its
+//!     role; its frames are handled by concern in `dispatch`, `hello`,
+//!     `send`, `presence` and `kick`.
 //!   - [`actors::sweeper`]: supervised; expired leases, dead letters, grace windows.
 //!   - [`actors::janitor`]: supervised; retention and expiry deletes, wakes drains.
 //! - [`http`]: the listener's routes: `/ws`, `/health`, `/health/ready`,
 //!   `/metrics`, `/hook/set-status`.
 //! - [`broker`]: starts and stops one broker (the singleton actors, then HTTP).
 //! - [`cli`]: the command line; `cli::client_cmd` is `meshbroker client`.
-//!
-//! Being added under issue 7, not in this tree yet: `routing` (pure routing
-//! decisions, between the database users and the actors) and `actors::conn`
-//! (a connection's outward face: what drains and the registry may send to a
-//! connection, its backlog, a handle of `Recipient`s; first among the
-//! actors). The layer table already places them.
 //!
 //! # Errors
 //!
@@ -55,8 +58,8 @@
 //!   database error means (to a client, `unavailable`).
 //! - Actors keep errors typed in their messages and results; they do not
 //!   turn them into `String`. An error is logged once, where it is handled.
-//! - What a client sees is a typed error code (the wire code and close code
-//!   of the refusal), never an internal error's text.
+//! - What a client sees is a typed error code, an [`error_code::ErrorCode`]
+//!   (its wire code and close code), never an internal error's text.
 //! - `anyhow` only where an error ends as text for a person: [`cli`], the
 //!   tests and the bench. [`client`] is their shared client and reports its
 //!   failures the same way.
