@@ -2,7 +2,6 @@
 //! supervised sweeper and janitor) are started once, here, before the HTTP server whose
 //! workers share them through `web::Data`.
 
-use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,6 +25,22 @@ use crate::metrics::Metrics;
 /// How long shutdown waits for sockets to close before it stops the server.
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
 
+/// Why a broker did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The listener given to [`start`] has no address to report (it is not
+    /// bound, or its socket failed).
+    #[error("cannot read the listener's address: {0}")]
+    ListenerAddress(#[source] std::io::Error),
+    /// The HTTP server would not take the listener.
+    #[error("cannot serve on {addr}: {source}")]
+    Serve {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// A running broker.
 pub struct Broker {
     local_addr: SocketAddr,
@@ -44,8 +59,10 @@ pub async fn start(
     config: Arc<Config>,
     pool: Pool,
     listener: TcpListener,
-) -> anyhow::Result<Broker> {
-    let local_addr = listener.local_addr()?;
+) -> Result<Broker, BrokerError> {
+    let local_addr = listener
+        .local_addr()
+        .map_err(BrokerError::ListenerAddress)?;
     let shared = Arc::new(Shared {
         send_limits: RateLimiter::new(config.limits.send_burst, config.limits.send_per_sec),
         config: config.clone(),
@@ -78,7 +95,11 @@ pub async fn start(
                     data.insert(handle);
                 }
             })
-            .listen(listener)?
+            .listen(listener)
+            .map_err(|source| BrokerError::Serve {
+                addr: local_addr,
+                source,
+            })?
             .disable_signals()
             .shutdown_timeout(2)
             .run();
@@ -105,10 +126,6 @@ impl Broker {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.shared.metrics
-    }
-
-    pub fn node_id(&self) -> NodeId {
-        self.shared.node_id
     }
 
     /// Makes the sweeper's next pass fail, as a database error would: the
@@ -144,17 +161,4 @@ impl Broker {
         let _ = self.server_task.await;
         tracing::info!("stopped");
     }
-}
-
-/// Runs a broker until `shutdown` resolves, then stops it gracefully.
-pub async fn run(
-    config: Arc<Config>,
-    pool: Pool,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let broker = start(config, pool, listener).await?;
-    shutdown.await;
-    broker.shutdown().await;
-    Ok(())
 }

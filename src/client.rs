@@ -8,7 +8,6 @@
 //! Everything here runs inside an actix `System` (awc is single-threaded).
 
 use std::collections::VecDeque;
-use std::io::Write as _;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
@@ -639,71 +638,6 @@ pub async fn handshake(url: &str, frame: &Value) -> anyhow::Result<(Connection, 
         );
     }
     Ok((conn, answer))
-}
-
-async fn cli_connect(args: &crate::cli::ClientArgs) -> anyhow::Result<Connection> {
-    let creds = Credentials::from_secret_hex(&args.mesh_id, &args.member_id, &args.secret_key)?;
-    let opts = HelloOptions::default();
-    let (conn, _ack) = if args.session {
-        session_hello(&args.url, &creds, &generate_session_key(), &opts).await?
-    } else {
-        hello(&args.url, &creds, &opts).await?
-    };
-    Ok(conn)
-}
-
-fn print_line(value: &Value) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{value}")?;
-    out.flush()?;
-    Ok(())
-}
-
-/// `meshbroker client listen`: prints each pushed message as one JSON line
-/// and acknowledges it; returns when the broker closes with 1000 or 1001.
-pub async fn cli_listen(args: &crate::cli::ClientArgs) -> anyhow::Result<()> {
-    let mut conn = cli_connect(args).await?;
-    loop {
-        match conn.recv(Duration::from_secs(3600)).await? {
-            Event::Frame(frame) => {
-                if frame["type"] == "push" && !is_system_push(&frame) {
-                    print_line(&frame)?;
-                    conn.ack(&frame).await?;
-                } else if frame["type"] == "error" {
-                    eprintln!("broker error: {frame}");
-                }
-            }
-            Event::Timeout => {}
-            Event::Closed {
-                code: Some(1000 | 1001),
-                ..
-            } => return Ok(()),
-            Event::Closed { code, reason } => {
-                bail!("broker closed the connection (code {code:?}, reason {reason:?})")
-            }
-        }
-    }
-}
-
-/// `meshbroker client send`: sends one message, prints its `ack` as one JSON
-/// line, and fails with the ack's error when it was not queued.
-pub async fn cli_send(
-    args: &crate::cli::ClientArgs,
-    to: &str,
-    text: &str,
-    priority: &str,
-    client_message_id: Option<&str>,
-) -> anyhow::Result<()> {
-    let mut conn = cli_connect(args).await?;
-    let ack = conn
-        .send_message(to, text, priority, client_message_id)
-        .await?;
-    print_line(&ack)?;
-    let _ = conn.close().await;
-    if ack["queued"] != true {
-        bail!("{}", ack["error"].as_str().unwrap_or("message not queued"));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

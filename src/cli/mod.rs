@@ -1,17 +1,17 @@
 //! The `meshbroker` command line: `serve`, `migrate`, the admin commands,
-//! `print-config` and a small protocol client.
+//! `print-config`, and `client listen|send` (in `client_cmd`).
 //!
 //! Every failure ends as one line on stderr, `meshbroker: error: …`, and a
 //! non-zero exit code.
 
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use diesel_async::{AsyncConnection, SimpleAsyncConnection};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -19,6 +19,10 @@ use crate::config::{redact_url, Config, Dur, LogFormat};
 use crate::db::embedded::{self, EmbeddedPostgres};
 use crate::ids::MeshId;
 use crate::{admin, db, dead_letters};
+
+mod client_cmd;
+
+use client_cmd::ClientCommand;
 
 /// Where `--config` points when neither the flag nor the variable is given.
 pub const DEFAULT_CONFIG: &str = "config/meshbroker.toml";
@@ -152,78 +156,6 @@ struct DeadLetterSelect {
     all: bool,
 }
 
-#[derive(Debug, Subcommand)]
-enum ClientCommand {
-    /// Print each message pushed to this member as a JSON line.
-    Listen(ClientFlags),
-    /// Send one message and print its ack.
-    Send {
-        #[command(flatten)]
-        flags: ClientFlags,
-        /// Recipient: a pubkey, or a target spec such as `*` or `@group`.
-        #[arg(long, value_name = "PUBKEY_OR_SPEC")]
-        to: String,
-        #[arg(long)]
-        text: String,
-        #[arg(long, value_enum, default_value_t = Priority::Next)]
-        priority: Priority,
-        #[arg(long, value_name = "ID")]
-        client_message_id: Option<String>,
-    },
-}
-
-#[derive(Debug, Args)]
-struct ClientFlags {
-    #[arg(long, value_name = "MESH_ID")]
-    mesh: String,
-    #[arg(long, value_name = "MEMBER_ID")]
-    member_id: String,
-    /// The member's secret key, 64 or 128 hex chars.
-    #[arg(
-        long,
-        value_name = "HEX",
-        env = "MESHBROKER_SECRET_KEY",
-        hide_env_values = true
-    )]
-    secret_key: String,
-    /// Broker WebSocket URL [default: ws://<server.listen>/ws]
-    #[arg(long)]
-    url: Option<String>,
-    /// Connect as a fresh session attested by the member (session_hello).
-    #[arg(long)]
-    session: bool,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Priority {
-    Now,
-    Next,
-    Low,
-}
-
-impl Priority {
-    fn as_str(self) -> &'static str {
-        match self {
-            Priority::Now => "now",
-            Priority::Next => "next",
-            Priority::Low => "low",
-        }
-    }
-}
-
-/// What `client listen|send` connect with; consumed by [`crate::client`].
-#[derive(Debug, Clone)]
-pub struct ClientArgs {
-    /// `ws://…/ws` of the broker.
-    pub url: String,
-    pub mesh_id: String,
-    pub member_id: String,
-    /// 64 or 128 hex chars.
-    pub secret_key: String,
-    /// Use session_hello with a fresh session key instead of hello.
-    pub session: bool,
-}
-
 /// Runs the command line; the whole of `main`.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -279,7 +211,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Mesh(cmd) => mesh_command(&config, cmd).await,
             Command::Member(cmd) => member_command(&config, cmd).await,
             Command::DeadLetters(cmd) => dead_letter_command(&config, cmd).await,
-            Command::Client(cmd) => client_command(&config, cmd).await,
+            Command::Client(cmd) => client_cmd::client_command(&config, cmd).await,
             Command::PrintConfig => unreachable!("handled above"),
         }
     })
@@ -566,55 +498,6 @@ fn dead_letter_selection(
     ))
 }
 
-async fn client_command(config: &Config, cmd: ClientCommand) -> anyhow::Result<()> {
-    match cmd {
-        ClientCommand::Listen(flags) => {
-            let args = client_args(config, flags);
-            crate::client::cli_listen(&args).await
-        }
-        ClientCommand::Send {
-            flags,
-            to,
-            text,
-            priority,
-            client_message_id,
-        } => {
-            let args = client_args(config, flags);
-            crate::client::cli_send(
-                &args,
-                &to,
-                &text,
-                priority.as_str(),
-                client_message_id.as_deref(),
-            )
-            .await
-        }
-    }
-}
-
-fn client_args(config: &Config, flags: ClientFlags) -> ClientArgs {
-    ClientArgs {
-        url: flags
-            .url
-            .unwrap_or_else(|| default_ws_url(config.server.listen)),
-        mesh_id: flags.mesh,
-        member_id: flags.member_id,
-        secret_key: flags.secret_key,
-        session: flags.session,
-    }
-}
-
-/// `ws://<server.listen>/ws`, with a wildcard listen address replaced by
-/// loopback (one cannot connect to 0.0.0.0 portably).
-fn default_ws_url(listen: SocketAddr) -> String {
-    let ip = match listen.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
-    format!("ws://{}/ws", SocketAddr::new(ip, listen.port()))
-}
-
 /// The error and its causes on one line, skipping a cause the message
 /// already quotes (thiserror messages often embed their source).
 fn error_line(e: &anyhow::Error) -> String {
@@ -722,22 +605,6 @@ mod tests {
         assert!(
             line.starts_with("cannot read config file /nonexistent/x.toml"),
             "{line}"
-        );
-    }
-
-    #[test]
-    fn ws_url_defaults_to_the_listen_address() {
-        assert_eq!(
-            default_ws_url("127.0.0.1:7900".parse().unwrap()),
-            "ws://127.0.0.1:7900/ws"
-        );
-        assert_eq!(
-            default_ws_url("0.0.0.0:80".parse().unwrap()),
-            "ws://127.0.0.1:80/ws"
-        );
-        assert_eq!(
-            default_ws_url("[::]:7900".parse().unwrap()),
-            "ws://[::1]:7900/ws"
         );
     }
 
