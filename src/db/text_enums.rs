@@ -34,3 +34,92 @@ macro_rules! text_enum {
 }
 
 text_enum!(Role, Status, Priority);
+
+#[cfg(test)]
+mod tests {
+    use diesel::sql_types::{Nullable, Text};
+    use diesel::QueryableByName;
+    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+
+    use crate::ids::{connection_key, Priority, Role, Status};
+
+    #[derive(QueryableByName)]
+    struct Words {
+        #[diesel(sql_type = Text)]
+        role: Role,
+        #[diesel(sql_type = Text)]
+        status: Status,
+        #[diesel(sql_type = Text)]
+        priority: Priority,
+    }
+
+    #[derive(QueryableByName)]
+    struct Key {
+        #[diesel(sql_type = Text)]
+        key: String,
+    }
+
+    /// The SQL forms against a real (embedded, throwaway) database: the
+    /// wire enums survive a trip through `text` and refuse unknown words,
+    /// and the SQL connection key is the Rust one.
+    #[test]
+    fn sql_forms_agree_with_rust() {
+        use crate::db::embedded::{EmbeddedError, EmbeddedOptions, EmbeddedPostgres};
+        use std::os::unix::fs::PermissionsExt;
+
+        let root = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let pg = match EmbeddedPostgres::start(
+            &root.path().join("data"),
+            &EmbeddedOptions { fsync: false },
+        ) {
+            Ok(pg) => pg,
+            Err(EmbeddedError::NoInstallation) => return,
+            Err(e) => panic!("{e}"),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let conn = &mut AsyncPgConnection::establish(&pg.url()).await.unwrap();
+            let words = "SELECT $1 AS role, $2 AS status, $3 AS priority";
+            for i in 0..3 {
+                let (role, status, priority) = (Role::ALL[i], Status::ALL[i], Priority::ALL[i]);
+                let back: Words = diesel::sql_query(words)
+                    .bind::<Text, _>(role)
+                    .bind::<Text, _>(status)
+                    .bind::<Text, _>(priority)
+                    .get_result(conn)
+                    .await
+                    .unwrap();
+                assert_eq!((back.role, back.status, back.priority), (role, status, priority));
+            }
+            for (bad, what) in [
+                ("SELECT 'Session' AS role, 'idle' AS status, 'now' AS priority", "Role"),
+                ("SELECT 'session' AS role, 'busy' AS status, 'now' AS priority", "Status"),
+                ("SELECT 'session' AS role, 'idle' AS status, '' AS priority", "Priority"),
+            ] {
+                let err = diesel::sql_query(bad)
+                    .get_result::<Words>(conn)
+                    .await
+                    .err()
+                    .unwrap_or_else(|| panic!("{bad}: an unknown word read back"));
+                assert!(err.to_string().contains(&format!("unknown {what}")), "{err}");
+            }
+            let key = format!(
+                "SELECT {} AS key FROM (SELECT $1::text AS session_pubkey, $2::text AS session_id) p",
+                crate::db::rules::connection_key("p")
+            );
+            for (pubkey, sid) in [(Some("ab12"), "s1"), (None, "s1"), (Some(""), "s2"), (None, "")] {
+                let got: Key = diesel::sql_query(&key)
+                    .bind::<Nullable<Text>, _>(pubkey)
+                    .bind::<Text, _>(sid)
+                    .get_result(conn)
+                    .await
+                    .unwrap();
+                assert_eq!(got.key, connection_key(pubkey, sid), "{pubkey:?} {sid:?}");
+            }
+        });
+    }
+}

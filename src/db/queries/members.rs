@@ -5,7 +5,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use uuid::Uuid;
 
-use super::Conn;
+use super::common::Conn;
 use crate::db::schema::mesh::{hello_seen, member};
 
 #[derive(Debug, Clone, Queryable, Selectable)]

@@ -6,7 +6,7 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::Conn;
+use super::common::Conn;
 use crate::db::schema::mesh::{member, message, message_queue};
 use crate::ids::Priority;
 

@@ -7,6 +7,7 @@
 //! One file per section; everything is re-exported here, so callers write
 //! `crate::db::queries::x` whichever file `x` lives in.
 
+mod common;
 mod members;
 mod messages;
 mod presence;
@@ -18,9 +19,3 @@ pub use messages::*;
 pub use presence::*;
 pub use queue::*;
 pub use sweep::*;
-
-type Conn = diesel_async::AsyncPgConnection;
-
-fn secs(d: std::time::Duration) -> f64 {
-    d.as_secs_f64()
-}

@@ -8,7 +8,7 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::Conn;
+use super::common::Conn;
 use crate::db::schema::mesh::{member, presence};
 use crate::ids::{Role, Status};
 

@@ -11,7 +11,7 @@ use diesel_async::RunQueryDsl;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{secs, Conn};
+use super::common::{secs, Conn};
 use crate::db::rules::{claimable, CLAIM_RESET};
 use crate::ids::{Priority, Status};
 

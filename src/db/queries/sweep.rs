@@ -8,7 +8,7 @@ use diesel::sql_types::{Double, Int4, Int8, Nullable, Text, Uuid as SqlUuid};
 use diesel_async::RunQueryDsl;
 use uuid::Uuid;
 
-use super::{secs, Conn};
+use super::common::{secs, Conn};
 use crate::db::rules::CLAIM_RESET;
 use crate::db::schema::mesh::{hello_seen, member, presence};
 use crate::ids::Role;
