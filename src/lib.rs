@@ -11,18 +11,24 @@
 //!
 //! - Vocabulary
 //!   - [`protocol`]: wire frames, decoded and encoded, and their bounds.
-//!   - [`ids`]: identifier newtypes and the connection [`ids::Role`].
+//!   - [`ids`]: identifier newtypes, the wire words [`ids::Role`], [`ids::Status`],
+//!     [`ids::Priority`], and the connection-key rule.
 //!   - [`config`]: the TOML configuration, validated at load.
 //!   - [`error_code`]: every refusal: wire code, close code, metric label,
 //!     permanent or retryable.
 //!   - [`crypto`]: ed25519 keys and the exact strings each handshake signs.
 //! - [`client`]: a small real protocol client, used by `meshbroker client`,
 //!   the tests and the bench; it needs nothing of the broker.
-//! - [`db`]: the pool and migrations.
+//! - [`db`]: the pool and migrations; all SQL is under it.
 //!   - [`db::schema`]: the diesel schema.
-//!   - [`db::queries`]: every query the broker runs while serving.
+//!   - [`db::queries`]: every query the broker runs while serving, one file per
+//!     section (members, presence, messages, queue, sweep).
+//!   - [`db::rules`]: the queue's invariants as SQL, each written once (claim
+//!     reset, claimable, connection key).
 //!   - [`db::lifecycle`]: the janitor's deletes and wake-up query.
+//!   - [`db::admin`], [`db::dead_letters`]: the operator commands' statements.
 //!   - [`db::embedded`]: the private PostgreSQL cluster used without `database.url`.
+//!   - `db::text_enums`: the wire words stored as `text`; an unknown one is an error.
 //! - [`metrics`]: Prometheus counters and the `/metrics` text.
 //! - Work on one database connection, without actors
 //!   - [`handshake`]: hello verification, offline checks then database checks.
