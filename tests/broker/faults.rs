@@ -33,6 +33,12 @@ use crate::support::*;
 /// A correctness deadline: recovery that takes longer than this is a failure.
 const RECOVER: Duration = Duration::from_secs(30);
 
+/// While the broker knows its database is down, readiness and refusals
+/// answer at once (in milliseconds); a broker that waits on its pool takes
+/// the pool's 3 s checkout timeout. A second tells the two apart with room
+/// for a loaded machine.
+const FAST_REFUSAL: Duration = Duration::from_secs(1);
+
 // ---------------------------------------------------------------------------
 // Helpers
 
@@ -239,6 +245,17 @@ fn secs(d: Duration) -> String {
     format!("{:.2}s", d.as_secs_f64())
 }
 
+fn ms(d: Duration) -> String {
+    format!("{:.1}ms", d.as_secs_f64() * 1e3)
+}
+
+/// How long `f` took, and its output.
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> (Duration, T) {
+    let began = Instant::now();
+    let out = f.await;
+    (began.elapsed(), out)
+}
+
 // ---------------------------------------------------------------------------
 // 1. The broker is killed between push and ack
 
@@ -355,9 +372,10 @@ struct Sent {
     error: Option<String>,
 }
 
-/// PostgreSQL stopped for ~10 s while a sender sends steadily: sends are
+/// PostgreSQL stopped for ~7 s while a sender sends steadily: sends are
 /// refused `unavailable` (never `queued:true` for what was not stored),
-/// `/health/ready` is 503, the sockets stay open, and afterwards traffic
+/// `/health/ready` is 503, and all of them answer at once rather than after
+/// the pool's checkout timeout; the sockets stay open, and afterwards traffic
 /// resumes by itself with nothing accepted lost.
 #[actix_web::test]
 async fn postgres_outage_refuses_sends_and_recovers_without_restart() {
@@ -431,25 +449,29 @@ async fn postgres_outage_refuses_sends_and_recovers_without_restart() {
 
     cluster.stop().await;
     let stopped = Instant::now();
-    assert_eq!(
-        ready_status(&p.http_url).await,
-        Some(503),
-        "/health/ready while PostgreSQL is down"
-    );
-    let refused_hello = client::hello(&p.ws_url, &a.creds, &HelloOptions::default())
-        .await
-        .expect_err("a hello cannot be verified while PostgreSQL is down");
+    let (ready_first, status) = timed(ready_status(&p.http_url)).await;
+    assert_eq!(status, Some(503), "/health/ready while PostgreSQL is down");
+    let (hello_refused_in, refused_hello) =
+        timed(client::hello(&p.ws_url, &a.creds, &HelloOptions::default())).await;
+    let refused_hello =
+        refused_hello.expect_err("a hello cannot be verified while PostgreSQL is down");
     assert!(
         format!("{refused_hello:#}").contains("unavailable"),
         "{refused_hello:#}"
     );
-    // ~10 s in all: the check below waits out the pool's 3 s timeout.
-    tokio::time::sleep(Duration::from_secs(7).saturating_sub(stopped.elapsed())).await;
+    // The broker knows the database is down: nothing waits out the pool.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (health_in, (health_status, health_body)) =
+        timed(http_get(&format!("{}/health", p.http_url))).await;
     assert_eq!(
-        ready_status(&p.http_url).await,
-        Some(503),
-        "/health/ready at the end of the outage"
+        health_status, 200,
+        "/health during the outage: {health_body}"
     );
+    let health: Value = serde_json::from_str(&health_body).expect("/health is JSON");
+    assert_eq!(health["db"], "down", "{health_body}");
+    tokio::time::sleep(Duration::from_secs(7).saturating_sub(stopped.elapsed())).await;
+    let (ready_last, status) = timed(ready_status(&p.http_url)).await;
+    assert_eq!(status, Some(503), "/health/ready at the end of the outage");
     let outage_end = Instant::now();
     cluster.restart().await;
     let started = Instant::now();
@@ -521,6 +543,22 @@ async fn postgres_outage_refuses_sends_and_recovers_without_restart() {
         .iter()
         .filter(|s| s.began >= stopped && s.began < outage_end && s.queued)
         .count();
+    let refusal_times: Vec<Duration> = during.iter().map(|s| s.answered - s.began).collect();
+    let refused_send_max = refusal_times.iter().max().copied().unwrap_or_default();
+    let refused_send_mean = refusal_times.iter().sum::<Duration>() / during.len() as u32;
+    for (what, took) in [
+        ("/health/ready just after the stop", ready_first),
+        ("/health/ready at the end of the outage", ready_last),
+        ("/health during the outage", health_in),
+        ("a refused hello", hello_refused_in),
+        ("the slowest refused send", refused_send_max),
+    ] {
+        assert!(
+            took < FAST_REFUSAL,
+            "{what} took {took:?} while PostgreSQL was down: the broker waited on the pool \
+             instead of knowing the database is down"
+        );
+    }
     for s in &during {
         assert!(
             !s.queued,
@@ -539,10 +577,16 @@ async fn postgres_outage_refuses_sends_and_recovers_without_restart() {
     ledger.borrow().assert_nothing_lost(
         TEST,
         &format!(
-            "sends_during_outage={} sent_in_outage_queued_after_restart={queued_across_restart} stored_despite_refusal={} outage={} pg_start_to_first_queued={} pg_start_to_all_acked={}",
+            "sends_during_outage={} sent_in_outage_queued_after_restart={queued_across_restart} stored_despite_refusal={} outage={} ready_503_in={}/{} health_down_in={} hello_refused_in={} send_refused_in_mean={} max={} pg_start_to_first_queued={} pg_start_to_all_acked={}",
             during.len(),
             stored_despite_refusal,
             secs(outage_end - stopped),
+            ms(ready_first),
+            ms(ready_last),
+            ms(health_in),
+            ms(hello_refused_in),
+            ms(refused_send_mean),
+            ms(refused_send_max),
             secs(first_queued),
             secs(all_acked)
         ),
