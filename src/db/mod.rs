@@ -1,5 +1,6 @@
-//! PostgreSQL: the pool, migrations, and (in [`embedded`]) the private
-//! cluster used when no `database.url` is configured.
+//! PostgreSQL: the pool (which fails fast while the database is known to be
+//! down), migrations, and (in [`embedded`], kept alive by [`supervisor`])
+//! the private cluster used when no `database.url` is configured.
 //!
 //! Error policy: query functions return diesel's `QueryResult`; callers map
 //! any database error to the protocol's `unavailable` (the database is the
@@ -10,6 +11,7 @@ pub mod lifecycle;
 mod pool;
 pub mod queries;
 pub mod schema;
+pub mod supervisor;
 
 use std::time::Duration;
 
