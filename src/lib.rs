@@ -10,7 +10,8 @@
 //! - [`actors::drain`]: one per member with a live connection; claims, pushes, takes acks.
 //! - [`actors::sweeper`]: supervised; clears expired leases, dead-letters, ends grace windows.
 //! - [`actors::janitor`]: supervised; deletes rows past retention or expiry, wakes drains.
-//! - [`db`]: pool, migrations, schema and the queue queries; [`db::embedded`] the private cluster.
+//! - [`db`]: pool (fails fast while the database is known down), migrations, schema and the
+//!   queue queries; [`db::embedded`] the private cluster, which [`db::supervisor`] restarts.
 //! - [`metrics`]: Prometheus counters and the `/metrics` text.
 //! - [`crypto`]: ed25519 keys and the signed handshake strings.
 //! - [`client`]: a small real client, used by `meshbroker client` and the tests.
