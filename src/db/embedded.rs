@@ -208,7 +208,7 @@ impl EmbeddedPostgres {
     /// Cheap enough to poll: is the postmaster named in `postmaster.pid`
     /// alive? (No pid file means a stopped cluster.)
     pub fn postmaster_alive(&self) -> bool {
-        read_pid(&self.pgdata.join("postmaster.pid")).is_some_and(|pid| is_live_postgres(pid))
+        read_pid(&self.pgdata.join("postmaster.pid")).is_some_and(is_live_postgres)
     }
 
     /// Blocking. Brings a dead cluster back, under the start lock: restarts
