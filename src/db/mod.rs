@@ -23,7 +23,7 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use futures_util::FutureExt;
 
 pub use diesel_async::AsyncPgConnection as PgConn;
-pub use pool::{Pool, PoolError, PooledConn, PROBE_EVERY};
+pub use pool::{Pool, PoolError, PooledConn};
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 /// How often the probe checks the database, up or down. It bounds how long
 /// the broker keeps refusing once the database is back.
-pub const PROBE_EVERY: Duration = Duration::from_millis(250);
+const PROBE_EVERY: Duration = Duration::from_millis(250);
 
 /// A probe that gets no answer in this long counts as a failure: the server
 /// is up to nothing a broker could use.
