@@ -182,3 +182,61 @@ async fn check(url: &str, conn: &mut Option<AsyncPgConnection>) -> Result<(), St
         Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::embedded::{EmbeddedError, EmbeddedOptions, EmbeddedPostgres};
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Instant;
+
+    /// Really stops the database under a pool: checkouts are refused at
+    /// once (not after the 3 s checkout timeout) and work again once the
+    /// probe sees it back.
+    #[test]
+    fn checkouts_fail_at_once_while_the_database_is_down() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = root.path().join("data");
+        let fast = EmbeddedOptions { fsync: false };
+        let mut pg = match EmbeddedPostgres::start(&dir, &fast) {
+            Err(EmbeddedError::NoInstallation) => {
+                eprintln!("skipped: {}", EmbeddedError::NoInstallation);
+                return;
+            }
+            started => started.unwrap(),
+        };
+        let url = pg.url_for("postgres");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let pool = crate::db::connect(&url, 2).await.unwrap();
+            drop(pool.get().await.expect("a connection while it is up"));
+            assert!(!pool.is_down());
+
+            pg.stop();
+            for attempt in 0..3 {
+                let began = Instant::now();
+                let refused = pool.get().await.map(drop);
+                let took = began.elapsed();
+                assert!(matches!(refused, Err(PoolError::Down)), "{refused:?}");
+                assert!(
+                    took < Duration::from_secs(1),
+                    "checkout {attempt} took {took:?}"
+                );
+            }
+            assert!(pool.is_down());
+
+            let pg = EmbeddedPostgres::start(&dir, &fast).unwrap();
+            let back = Instant::now();
+            while pool.get().await.is_err() {
+                assert!(back.elapsed() < Duration::from_secs(10), "never seen back");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(!pool.is_down());
+            drop(pg);
+        });
+    }
+}
