@@ -18,11 +18,13 @@
 //!   - [`crypto`]: ed25519 keys and the exact strings each handshake signs.
 //! - [`client`]: a small real protocol client, used by `meshbroker client`,
 //!   the tests and the bench; it needs nothing of the broker.
-//! - [`db`]: the pool and migrations.
+//! - [`db`]: migrations; [`db::pool`] the pool, which fails fast while the
+//!   database is known down (a background probe watches it).
 //!   - [`db::schema`]: the diesel schema.
 //!   - [`db::queries`]: every query the broker runs while serving.
 //!   - [`db::lifecycle`]: the janitor's deletes and wake-up query.
-//!   - [`db::embedded`]: the private PostgreSQL cluster used without `database.url`.
+//!   - [`db::embedded`]: the private PostgreSQL cluster used without `database.url`;
+//!     [`db::supervisor`] restarts it when it dies.
 //! - [`metrics`]: Prometheus counters and the `/metrics` text.
 //! - Work on one database connection, without actors
 //!   - [`handshake`]: hello verification, offline checks then database checks.

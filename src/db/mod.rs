@@ -1,5 +1,6 @@
-//! PostgreSQL: the pool, migrations, and (in [`embedded`]) the private
-//! cluster used when no `database.url` is configured.
+//! PostgreSQL: the pool (which fails fast while the database is known to be
+//! down), migrations, and (in [`embedded`], kept alive by [`supervisor`])
+//! the private cluster used when no `database.url` is configured.
 //!
 //! Error policy: query functions return diesel's `QueryResult`; callers map
 //! any database error to the protocol's `unavailable` (the database is the
@@ -7,8 +8,10 @@
 
 pub mod embedded;
 pub mod lifecycle;
+mod pool;
 pub mod queries;
 pub mod schema;
+pub mod supervisor;
 
 use std::time::Duration;
 
@@ -20,11 +23,7 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use futures_util::FutureExt;
 
 pub use diesel_async::AsyncPgConnection as PgConn;
-
-/// The shared pool.
-pub type Pool = bb8::Pool<AsyncPgConnection>;
-/// One connection checked out of the pool.
-pub type Conn<'a> = bb8::PooledConnection<'a, AsyncPgConnection>;
+pub use pool::{Pool, PoolError, PooledConn};
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
@@ -42,16 +41,6 @@ pub enum DbError {
     Connect(String),
     #[error("database migrations failed: {0}")]
     Migrate(String),
-    #[error("database query failed: {0}")]
-    Query(#[from] diesel::result::Error),
-    #[error("database pool: {0}")]
-    Pool(String),
-}
-
-impl From<bb8::RunError> for DbError {
-    fn from(e: bb8::RunError) -> Self {
-        DbError::Pool(e.to_string())
-    }
 }
 
 /// Opens one connection with the broker's session settings.
@@ -66,24 +55,23 @@ pub async fn establish(url: &str) -> ConnectionResult<AsyncPgConnection> {
     Ok(conn)
 }
 
-/// Builds the pool; fails if the first connection cannot be made.
+/// Builds the pool and starts its probe (on the current tokio runtime);
+/// fails if the first connection cannot be made.
 pub async fn connect(url: &str, size: u32) -> Result<Pool, DbError> {
+    // Opened directly, not through the pool: bb8 would report only a
+    // timeout, not the reason. It becomes the probe's connection.
+    let first = establish(url)
+        .await
+        .map_err(|e| DbError::Connect(e.to_string()))?;
     let mut manager_config = ManagerConfig::default();
     manager_config.custom_setup = Box::new(|url| establish(url).boxed());
     let manager =
         AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, manager_config);
-    let pool = bb8::Pool::builder()
+    let builder = bb8::Pool::builder()
         .max_size(size)
         .connection_timeout(Duration::from_secs(3))
-        .retry_connection(false)
-        .build_unchecked(manager);
-    // Fail fast with the real reason rather than a pool timeout later.
-    let conn = pool
-        .get()
-        .await
-        .map_err(|e| DbError::Connect(e.to_string()))?;
-    drop(conn);
-    Ok(pool)
+        .retry_connection(false);
+    Ok(Pool::build(builder, manager, url.to_owned(), first))
 }
 
 /// Runs pending migrations under an advisory lock; returns how many ran.
