@@ -13,17 +13,12 @@ pub mod queries;
 pub mod schema;
 pub mod supervisor;
 
-use std::time::Duration;
-
 use diesel::prelude::*;
-use diesel_async::pooled_connection::bb8;
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
-use futures_util::FutureExt;
 
 pub use diesel_async::AsyncPgConnection as PgConn;
-pub use pool::{Pool, PoolError, PooledConn};
+pub use pool::{connect, establish, Pool, PoolError, PooledConn};
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
@@ -31,47 +26,12 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 /// starting at once do not both apply them.
 const MIGRATION_LOCK_KEY: i64 = 0x6d65_7368_6272_6b72; // "meshbrkr"
 
-/// A statement that takes longer than this is cancelled by the server; no
-/// broker query should come near it.
-const STATEMENT_TIMEOUT_MS: u32 = 10_000;
-
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("cannot connect to the database: {0}")]
     Connect(String),
     #[error("database migrations failed: {0}")]
     Migrate(String),
-}
-
-/// Opens one connection with the broker's session settings.
-pub async fn establish(url: &str) -> ConnectionResult<AsyncPgConnection> {
-    use diesel_async::SimpleAsyncConnection;
-    let mut conn = AsyncPgConnection::establish(url).await?;
-    conn.batch_execute(&format!(
-        "SET application_name = 'meshbroker'; SET statement_timeout = {STATEMENT_TIMEOUT_MS}"
-    ))
-    .await
-    .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
-    Ok(conn)
-}
-
-/// Builds the pool and starts its probe (on the current tokio runtime);
-/// fails if the first connection cannot be made.
-pub async fn connect(url: &str, size: u32) -> Result<Pool, DbError> {
-    // Opened directly, not through the pool: bb8 would report only a
-    // timeout, not the reason. It becomes the probe's connection.
-    let first = establish(url)
-        .await
-        .map_err(|e| DbError::Connect(e.to_string()))?;
-    let mut manager_config = ManagerConfig::default();
-    manager_config.custom_setup = Box::new(|url| establish(url).boxed());
-    let manager =
-        AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, manager_config);
-    let builder = bb8::Pool::builder()
-        .max_size(size)
-        .connection_timeout(Duration::from_secs(3))
-        .retry_connection(false);
-    Ok(Pool::build(builder, manager, url.to_owned(), first))
 }
 
 /// Runs pending migrations under an advisory lock; returns how many ran.

@@ -14,9 +14,51 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use diesel_async::pooled_connection::{bb8, PoolError as ManagerError};
+use diesel::{ConnectionError, ConnectionResult};
+use diesel_async::pooled_connection::{
+    bb8, AsyncDieselConnectionManager, ManagerConfig, PoolError as ManagerError,
+};
+use diesel_async::AsyncConnection;
+use futures_util::FutureExt;
+
+use super::DbError;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use tokio::sync::watch;
+
+/// A statement that takes longer than this is cancelled by the server; no
+/// broker query should come near it.
+const STATEMENT_TIMEOUT_MS: u32 = 10_000;
+
+/// Opens one connection with the broker's session settings.
+pub async fn establish(url: &str) -> ConnectionResult<AsyncPgConnection> {
+    use diesel_async::SimpleAsyncConnection;
+    let mut conn = AsyncPgConnection::establish(url).await?;
+    conn.batch_execute(&format!(
+        "SET application_name = 'meshbroker'; SET statement_timeout = {STATEMENT_TIMEOUT_MS}"
+    ))
+    .await
+    .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
+    Ok(conn)
+}
+
+/// Builds the pool and starts its probe (on the current tokio runtime);
+/// fails if the first connection cannot be made.
+pub async fn connect(url: &str, size: u32) -> Result<Pool, DbError> {
+    // Opened directly, not through the pool: bb8 would report only a
+    // timeout, not the reason. It becomes the probe's connection.
+    let first = establish(url)
+        .await
+        .map_err(|e| DbError::Connect(e.to_string()))?;
+    let mut manager_config = ManagerConfig::default();
+    manager_config.custom_setup = Box::new(|url| establish(url).boxed());
+    let manager =
+        AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, manager_config);
+    let builder = bb8::Pool::builder()
+        .max_size(size)
+        .connection_timeout(Duration::from_secs(3))
+        .retry_connection(false);
+    Ok(Pool::build(builder, manager, url.to_owned(), first))
+}
 
 /// How often the probe checks the database, up or down. It bounds how long
 /// the broker keeps refusing once the database is back.
@@ -190,7 +232,7 @@ async fn check(url: &str, conn: &mut Option<AsyncPgConnection>) -> Result<(), St
         }
         *conn = None;
     }
-    match tokio::time::timeout(PROBE_TIMEOUT, super::establish(url)).await {
+    match tokio::time::timeout(PROBE_TIMEOUT, establish(url)).await {
         Ok(Ok(c)) => {
             *conn = Some(c);
             Ok(())
