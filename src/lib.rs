@@ -19,7 +19,8 @@
 //!   - [`crypto`]: ed25519 keys and the exact strings each handshake signs.
 //! - [`client`]: a small real protocol client, used by `meshbroker client`,
 //!   the tests and the bench; it needs nothing of the broker.
-//! - [`db`]: the pool and migrations; all SQL is under it.
+//! - [`db`]: migrations, and all SQL; [`db::pool`] the pool, which fails fast
+//!   while the database is known down (a background probe watches it).
 //!   - [`db::schema`]: the diesel schema.
 //!   - [`db::queries`]: every query the broker runs while serving, one file per
 //!     section (members, presence, messages, queue, sweep).
@@ -27,7 +28,8 @@
 //!     reset, claimable, connection key).
 //!   - [`db::lifecycle`]: the janitor's deletes and wake-up query.
 //!   - [`db::admin`], [`db::dead_letters`]: the operator commands' statements.
-//!   - [`db::embedded`]: the private PostgreSQL cluster used without `database.url`.
+//!   - [`db::embedded`]: the private PostgreSQL cluster used without `database.url`;
+//!     [`db::supervisor`] restarts it when it dies.
 //!   - `db::text_enums`: the wire words stored as `text`; an unknown one is an error.
 //! - [`metrics`]: Prometheus counters and the `/metrics` text.
 //! - Work on one database connection, without actors

@@ -146,6 +146,8 @@ pub struct Metrics {
     /// Rows the janitor deleted, by table (see [`RetentionTable`]).
     retention_deleted: [AtomicU64; 3],
     pub janitor_runs: AtomicU64,
+    /// Times the supervisor restarted the embedded PostgreSQL.
+    embedded_postgres_restarts: AtomicU64,
 }
 
 /// The tables the janitor deletes from, one label value each.
@@ -208,6 +210,7 @@ impl Metrics {
             actor_restarts: Default::default(),
             retention_deleted: Default::default(),
             janitor_runs: AtomicU64::new(0),
+            embedded_postgres_restarts: AtomicU64::new(0),
         }
     }
 
@@ -262,6 +265,9 @@ impl Metrics {
     }
     pub fn actor_restarts(&self, kind: ActorKind) -> u64 {
         self.actor_restarts[kind as usize].load(Relaxed)
+    }
+    pub fn embedded_postgres_restarted(&self) {
+        self.embedded_postgres_restarts.fetch_add(1, Relaxed);
     }
     pub fn retention_deleted(&self, table: RetentionTable, rows: u64) {
         self.retention_deleted[table as usize].fetch_add(rows, Relaxed);
@@ -452,6 +458,11 @@ impl Metrics {
             "# HELP meshbroker_db_pool_connections Database pool connections, by state.\n# TYPE meshbroker_db_pool_connections gauge\nmeshbroker_db_pool_connections{{state=\"idle\"}} {}\nmeshbroker_db_pool_connections{{state=\"in_use\"}} {}",
             pool.idle, pool.in_use
         );
+        let _ = writeln!(
+            out,
+            "# HELP meshbroker_embedded_postgres_restarts_total Restarts of the embedded PostgreSQL after it died.\n# TYPE meshbroker_embedded_postgres_restarts_total counter\nmeshbroker_embedded_postgres_restarts_total {}",
+            self.embedded_postgres_restarts.load(Relaxed)
+        );
         out
     }
 }
@@ -478,6 +489,7 @@ mod tests {
         m.actor_started(ActorKind::Drain);
         m.actor_restarted(ActorKind::Janitor);
         m.retention_deleted(RetentionTable::MessageQueue, 1500);
+        m.embedded_postgres_restarted();
         let text = m.render(
             Some(QueueDepth {
                 pending: 3,
@@ -499,5 +511,6 @@ mod tests {
         assert!(text.contains("meshbroker_retention_deleted_rows_total{table=\"presence\"} 0"));
         assert!(text.contains("meshbroker_queue_deliveries{state=\"pending\"} 3"));
         assert!(text.contains("meshbroker_db_pool_connections{state=\"in_use\"} 1"));
+        assert!(text.contains("meshbroker_embedded_postgres_restarts_total 1"));
     }
 }

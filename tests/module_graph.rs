@@ -626,6 +626,12 @@ fn references(src: &str, file_module: &[String], modules: &BTreeSet<Module>) -> 
             }
             Tok::Ident(word) if word == "use" && !is(i + 1, &Tok::Punct('<')) => {
                 let line = tokens[i].line;
+                // `pub use` (or `pub(crate) use`, …): a re-export.
+                let re_export = i.checked_sub(1).and_then(ident) == Some("pub")
+                    || (i > 0 && is(i - 1, &Tok::Punct(')')) && {
+                        let open = (0..i).rev().find(|&k| is(k, &Tok::Punct('(')));
+                        open.is_some_and(|k| k > 0 && ident(k - 1) == Some("pub"))
+                    });
                 let mut paths = Vec::new();
                 i += 1;
                 use_tree(&tokens, &mut i, Vec::new(), &mut paths);
@@ -633,7 +639,18 @@ fn references(src: &str, file_module: &[String], modules: &BTreeSet<Module>) -> 
                     if path.last().is_some_and(|s| s == "self") {
                         path.pop();
                     }
-                    if let Some(target) = resolve(&path, &current, modules) {
+                    let target = resolve(&path, &current, modules);
+                    // A module re-exporting its own children's items is a
+                    // facade over them, not a user of them: its children
+                    // may still use what the module itself defines.
+                    if re_export
+                        && target
+                            .as_ref()
+                            .is_some_and(|t| t.len() > current.len() && t.starts_with(&current))
+                    {
+                        continue;
+                    }
+                    if let Some(target) = target {
                         out.push(Reference {
                             target,
                             line,
@@ -908,6 +925,29 @@ mod check {
         assert!(text.contains("  a -> b -> c -> a\n"), "{text}");
         assert!(text.contains("c -> a: src/c.rs:1 `crate::a::Z`"), "{text}");
         assert!(!text.contains("its child"), "{text}");
+    }
+
+    #[test]
+    fn re_exports_of_children_are_not_dependencies_but_other_uses_are() {
+        let g = tree(&[
+            ("lib.rs", "mod a;"),
+            (
+                "a/mod.rs",
+                "mod b; mod c; pub use b::X; pub(crate) use c::{Y, Z}; pub struct W;",
+            ),
+            ("a/b.rs", "use super::W; pub struct X;"),
+            ("a/c.rs", "pub struct Y; pub struct Z;"),
+        ]);
+        assert!(g.cycles().is_empty(), "{:?}", edges(&g));
+        let g = tree(&[
+            ("lib.rs", "mod a;"),
+            (
+                "a/mod.rs",
+                "mod b; pub use b::X; fn f() { b::run(); } pub struct W;",
+            ),
+            ("a/b.rs", "use super::W; pub struct X; pub fn run() {}"),
+        ]);
+        assert_eq!(g.cycles().len(), 1, "{:?}", edges(&g));
     }
 
     #[test]

@@ -84,17 +84,11 @@ impl<K: std::hash::Hash + Eq + Clone> RateLimiter<K> {
 /// is the actors' own logic.
 #[cfg(test)]
 pub(crate) fn test_shared() -> Shared {
-    use diesel_async::pooled_connection::AsyncDieselConnectionManager;
     let config = Config::default();
-    let manager = AsyncDieselConnectionManager::<diesel_async::AsyncPgConnection>::new(
-        "postgres://nobody@127.0.0.1:1/none",
-    );
     Shared {
         send_limits: RateLimiter::new(config.limits.send_burst, config.limits.send_per_sec),
         config: Arc::new(config),
-        pool: bb8::Pool::builder()
-            .connection_timeout(std::time::Duration::from_millis(100))
-            .build_unchecked(manager),
+        pool: Pool::unreachable(),
         metrics: Arc::new(Metrics::default()),
         node_id: NodeId::new(),
     }

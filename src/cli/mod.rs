@@ -17,6 +17,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{redact_url, Config, Dur, LogFormat};
 use crate::db::embedded::{self, EmbeddedPostgres};
+use crate::db::supervisor::Supervisor;
 use crate::ids::MeshId;
 use crate::{admin, db, dead_letters};
 
@@ -241,6 +242,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(listen = %config.server.listen, "meshbroker listening");
     let result = async {
         let broker = crate::broker::start(Arc::new(config), pool, listener).await?;
+        // The cluster this broker runs on is kept alive while it serves.
+        let supervisor = embedded.take().map(|pg| {
+            let metrics = broker.metrics().clone();
+            Supervisor::start(pg, move || metrics.embedded_postgres_restarted())
+        });
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             tokio::select! {
@@ -252,6 +258,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             }
         }
         broker.shutdown().await;
+        if let Some(supervisor) = supervisor {
+            embedded = Some(supervisor.stop().await);
+        }
         anyhow::Ok(())
     }
     .await;

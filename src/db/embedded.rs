@@ -11,6 +11,11 @@
 //! Starting is serialized across processes by a lock on
 //! `<data_dir>/embedded-postgres.lock`, so test processes starting at once
 //! do not race `initdb` or `pg_ctl start`.
+//!
+//! A cluster that dies is brought back by [`EmbeddedPostgres::revive`] (the
+//! broker's [`super::supervisor`] calls it) under the same lock and the same
+//! rule: its owner restarts it; an adopter leaves it to a starter that is
+//! still alive and takes over from one that is gone.
 
 use std::ffi::OsStr;
 use std::fs;
@@ -103,9 +108,23 @@ pub struct EmbeddedPostgres {
     pgdata: PathBuf,
     bins: Binaries,
     run_as: Option<RunAs>,
+    /// What it was started with, to restart it the same way.
+    opts: EmbeddedOptions,
     /// Only the owner stops the cluster: the CLI must not stop a broker's.
     owned: bool,
     stopped: bool,
+}
+
+/// What [`EmbeddedPostgres::revive`] found or did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revived {
+    /// It was down; this process started it and now owns it.
+    Restarted,
+    /// It is running again: another process restarted it first.
+    AlreadyRunning,
+    /// It is down, and its starter (this pid) is alive: restarting it is
+    /// that process's job, as stopping it would be.
+    LeftToOwner(u32),
 }
 
 impl EmbeddedPostgres {
@@ -125,23 +144,14 @@ impl EmbeddedPostgres {
             return Err(EmbeddedError::SocketPathTooLong { path: socket, len });
         }
 
-        let lock_path = data_dir.join(LOCK_FILE);
-        let lock_file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|source| io_err("cannot open lock file", &lock_path, source))?;
-        // Readable by the watcher, which takes the same lock as `postgres`.
-        let _ = fs::set_permissions(&lock_path, fs::Permissions::from_mode(0o644));
-        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
-            .map_err(|(_, errno)| io_err("cannot lock", &lock_path, io::Error::from(errno)))?;
+        let _lock = lock_start(&data_dir)?;
 
         let mut pg = EmbeddedPostgres {
             storage_dir: data_dir,
             pgdata,
             bins,
             run_as,
+            opts: opts.clone(),
             owned: false,
             stopped: false,
         };
@@ -183,6 +193,53 @@ impl EmbeddedPostgres {
     /// The PGDATA dir (also the socket directory).
     pub fn data_dir(&self) -> &Path {
         &self.pgdata
+    }
+
+    /// The server's log file, `<storage.data_dir>/postgresql.log`.
+    pub fn log_path(&self) -> PathBuf {
+        self.storage_dir.join(LOG_FILE)
+    }
+
+    /// True while this process owns the cluster (and will stop it).
+    pub fn is_owned(&self) -> bool {
+        self.owned
+    }
+
+    /// Cheap enough to poll: is the postmaster named in `postmaster.pid`
+    /// alive? (No pid file means a stopped cluster.)
+    pub fn postmaster_alive(&self) -> bool {
+        read_pid(&self.pgdata.join("postmaster.pid")).is_some_and(is_live_postgres)
+    }
+
+    /// Blocking. Brings a dead cluster back, under the start lock: restarts
+    /// it (taking ownership) unless another process already did, or its
+    /// starter is another process that is still alive (then it is left to
+    /// that process, like stopping it). Keeps `owned` true to the owner file,
+    /// so only the process that last started the cluster stops it.
+    pub fn revive(&mut self) -> Result<Revived, EmbeddedError> {
+        let _lock = lock_start(&self.storage_dir)?;
+        let me = std::process::id();
+        let owner = read_pid(&self.storage_dir.join(OWNER_FILE));
+        if self.is_running()? {
+            self.owned = owner == Some(me);
+            return Ok(Revived::AlreadyRunning);
+        }
+        if let Some(pid) = owner.filter(|&pid| pid != me && process_exists(pid)) {
+            self.owned = false;
+            return Ok(Revived::LeftToOwner(pid));
+        }
+        self.remove_stale_pid_file()?;
+        self.pg_start(&self.opts)?;
+        self.take_ownership()?;
+        self.stopped = false;
+        Ok(Revived::Restarted)
+    }
+
+    /// The last `n` lines of the server's log, for the broker's own log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
     /// Spawns a detached watcher that stops this cluster (pg_ctl stop -m immediate) once the current process has exited. For test binaries, whose statics are never dropped.
@@ -283,7 +340,7 @@ impl EmbeddedPostgres {
         if out.status.success() {
             // pg_ctl trusts any live pid; after a reboot that pid may be some
             // other program, which postgres itself would also ignore.
-            return Ok(read_pid(&self.pgdata.join("postmaster.pid")).is_none_or(is_postgres));
+            return Ok(read_pid(&self.pgdata.join("postmaster.pid")).is_none_or(is_live_postgres));
         }
         match out.status.code() {
             Some(3) => Ok(false),
@@ -294,18 +351,51 @@ impl EmbeddedPostgres {
         }
     }
 
-    /// A postmaster.pid left by a killed cluster is normally handled by
-    /// postgres; remove it here only when its pid is certainly gone.
+    /// The lock files a killed cluster leaves (`postmaster.pid`, the
+    /// socket's `.lock`) are normally handled by postgres, which refuses to
+    /// start while their pid lives. It takes a zombie (a killed postmaster
+    /// not yet reaped) or, after a reboot, another program for its old
+    /// postmaster, so remove them here when their pid is certainly gone.
+    /// Never while a process still works in PGDATA (backends orphaned by a
+    /// killed postmaster do until they notice): postgres's own check that
+    /// no one uses the old shared memory needs `postmaster.pid`.
     fn remove_stale_pid_file(&self) -> Result<(), EmbeddedError> {
-        let pid_file = self.pgdata.join("postmaster.pid");
-        if let Some(pid) = read_pid(&pid_file) {
-            if !process_exists(pid) || !is_postgres(pid) {
-                tracing::warn!(pid, "removing stale {}", pid_file.display());
-                fs::remove_file(&pid_file)
-                    .map_err(|source| io_err("cannot remove stale", &pid_file, source))?;
-            }
+        let files = [
+            self.pgdata.join("postmaster.pid"),
+            self.pgdata.join(format!(".s.PGSQL.{PORT}.lock")),
+        ];
+        let stale: Vec<(&PathBuf, u32)> = files
+            .iter()
+            .filter_map(|f| read_pid(f).map(|pid| (f, pid)))
+            .filter(|(_, pid)| !is_live_postgres(*pid))
+            .collect();
+        if stale.is_empty() || self.orphans_alive() {
+            return Ok(());
+        }
+        for (file, pid) in stale {
+            tracing::warn!(pid, "removing stale {}", file.display());
+            fs::remove_file(file).map_err(|source| io_err("cannot remove stale", file, source))?;
         }
         Ok(())
+    }
+
+    /// A live `postgres` process whose working directory is PGDATA (every
+    /// server process chdirs there).
+    fn orphans_alive(&self) -> bool {
+        let Ok(procs) = fs::read_dir("/proc") else {
+            return false;
+        };
+        procs.flatten().any(|entry| {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                return false;
+            };
+            is_live_postgres(pid)
+                && fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd == self.pgdata)
+        })
     }
 
     fn pg_start(&self, opts: &EmbeddedOptions) -> Result<(), EmbeddedError> {
@@ -567,6 +657,21 @@ fn check_traversable(dir: &Path, user: RunAs) -> Result<(), EmbeddedError> {
     Ok(())
 }
 
+/// Takes the lock that serializes starting the cluster across processes.
+fn lock_start(storage_dir: &Path) -> Result<Flock<fs::File>, EmbeddedError> {
+    let lock_path = storage_dir.join(LOCK_FILE);
+    let lock_file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| io_err("cannot open lock file", &lock_path, source))?;
+    // Readable by the watcher, which takes the same lock as `postgres`.
+    let _ = fs::set_permissions(&lock_path, fs::Permissions::from_mode(0o644));
+    Flock::lock(lock_file, FlockArg::LockExclusive)
+        .map_err(|(_, errno)| io_err("cannot lock", &lock_path, io::Error::from(errno)))
+}
+
 fn socket_path(pgdata: &Path) -> PathBuf {
     pgdata.join(format!(".s.PGSQL.{PORT}"))
 }
@@ -620,15 +725,32 @@ fn read_pid(path: &Path) -> Option<u32> {
         .ok()
 }
 
-/// Alive as far as `kill(pid, 0)` can tell (EPERM means it exists).
+/// Alive as far as `kill(pid, 0)` can tell (EPERM means it exists), and
+/// not a zombie: a killed postmaster is reparented to init, which may be
+/// slow to reap it (or, in a container, never do so), and a zombie still
+/// answers `kill(pid, 0)`.
 fn process_exists(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else {
+    let Ok(raw) = i32::try_from(pid) else {
         return false;
     };
-    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+    let exists = match nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None) {
         Ok(()) => true,
         Err(e) => e == nix::errno::Errno::EPERM,
-    }
+    };
+    exists && !is_zombie(pid)
+}
+
+/// `/proc/<pid>/stat`'s state field (after the parenthesized command name,
+/// which may itself hold spaces or parentheses) is `Z`.
+fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
+}
+
+fn is_live_postgres(pid: u32) -> bool {
+    process_exists(pid) && is_postgres(pid)
 }
 
 /// False only when /proc shows `pid` running some other program.
@@ -781,6 +903,91 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, EmbeddedError::NotTraversable { .. }), "{err}");
         assert!(err.to_string().contains(&root.path().display().to_string()));
+    }
+
+    #[test]
+    fn a_zombie_is_not_a_live_process() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        assert!(process_exists(pid) && !is_zombie(pid));
+        child.kill().unwrap();
+        // Not reaped yet: a zombie until `wait`.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !is_zombie(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{pid} never became a zombie"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            !process_exists(pid),
+            "a zombie answers kill(pid, 0) but is dead"
+        );
+        child.wait().unwrap();
+    }
+
+    /// Really kills a cluster's postmaster: revive leaves it to a live
+    /// starter, and restarts it (taking ownership) once that one is gone.
+    #[test]
+    fn revive_restarts_a_killed_cluster_unless_its_live_starter_will() {
+        if find_binaries().is_err() {
+            eprintln!("skipped: {NO_INSTALLATION}");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = root.path().join("data");
+        let mut pg = EmbeddedPostgres::start(&dir, &EmbeddedOptions { fsync: false }).unwrap();
+        assert!(pg.postmaster_alive());
+        assert_eq!(pg.revive().unwrap(), Revived::AlreadyRunning);
+        assert!(pg.owned);
+
+        let postmaster = read_pid(&pg.data_dir().join("postmaster.pid")).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(postmaster as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pg.postmaster_alive() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the postmaster outlived SIGKILL"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        // Another process, alive, claims to have started it.
+        let mut starter = Command::new("sleep").arg("60").spawn().unwrap();
+        let owner_file = pg.storage_dir.join(OWNER_FILE);
+        fs::write(&owner_file, format!("{}\n", starter.id())).unwrap();
+        assert_eq!(pg.revive().unwrap(), Revived::LeftToOwner(starter.id()));
+        assert!(!pg.owned && !pg.postmaster_alive());
+        starter.kill().unwrap();
+        starter.wait().unwrap();
+
+        // Backends orphaned by the kill may hold its shared memory a moment.
+        let revived = loop {
+            match pg.revive() {
+                Ok(r) => break r,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    eprintln!("revive, retrying: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(revived, Revived::Restarted);
+        assert!(pg.owned && pg.postmaster_alive());
+        assert_eq!(read_pid(&owner_file), Some(std::process::id()));
+        assert!(
+            pg.log_tail(50).contains("database system was interrupted"),
+            "{}",
+            pg.log_tail(50)
+        );
+        pg.stop();
+        assert!(!pg.postmaster_alive(), "the new owner stops it");
     }
 
     /// Really starts a cluster: initdb, start, adopt, connect, stop, restart.

@@ -1,5 +1,6 @@
-//! PostgreSQL: the pool, migrations, and (in [`embedded`]) the private
-//! cluster used when no `database.url` is configured.
+//! PostgreSQL: the pool (which fails fast while the database is known to be
+//! down), migrations, and (in [`embedded`], kept alive by [`supervisor`])
+//! the private cluster used when no `database.url` is configured.
 //!
 //! Error policy: query functions return diesel's `QueryResult`; callers map
 //! any database error to the protocol's `unavailable` (the database is the
@@ -9,26 +10,19 @@ pub mod admin;
 pub mod dead_letters;
 pub mod embedded;
 pub mod lifecycle;
+mod pool;
 pub mod queries;
 pub mod rules;
 pub mod schema;
+pub mod supervisor;
 mod text_enums;
 
-use std::time::Duration;
-
 use diesel::prelude::*;
-use diesel_async::pooled_connection::bb8;
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
-use futures_util::FutureExt;
 
 pub use diesel_async::AsyncPgConnection as PgConn;
-
-/// The shared pool.
-pub type Pool = bb8::Pool<AsyncPgConnection>;
-/// One connection checked out of the pool.
-pub type Conn<'a> = bb8::PooledConnection<'a, AsyncPgConnection>;
+pub use pool::{connect, establish, Pool, PoolError, PooledConn};
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
@@ -36,58 +30,12 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 /// starting at once do not both apply them.
 const MIGRATION_LOCK_KEY: i64 = 0x6d65_7368_6272_6b72; // "meshbrkr"
 
-/// A statement that takes longer than this is cancelled by the server; no
-/// broker query should come near it.
-const STATEMENT_TIMEOUT_MS: u32 = 10_000;
-
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("cannot connect to the database: {0}")]
     Connect(String),
     #[error("database migrations failed: {0}")]
     Migrate(String),
-    #[error("database query failed: {0}")]
-    Query(#[from] diesel::result::Error),
-    #[error("database pool: {0}")]
-    Pool(String),
-}
-
-impl From<bb8::RunError> for DbError {
-    fn from(e: bb8::RunError) -> Self {
-        DbError::Pool(e.to_string())
-    }
-}
-
-/// Opens one connection with the broker's session settings.
-pub async fn establish(url: &str) -> ConnectionResult<AsyncPgConnection> {
-    use diesel_async::SimpleAsyncConnection;
-    let mut conn = AsyncPgConnection::establish(url).await?;
-    conn.batch_execute(&format!(
-        "SET application_name = 'meshbroker'; SET statement_timeout = {STATEMENT_TIMEOUT_MS}"
-    ))
-    .await
-    .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
-    Ok(conn)
-}
-
-/// Builds the pool; fails if the first connection cannot be made.
-pub async fn connect(url: &str, size: u32) -> Result<Pool, DbError> {
-    let mut manager_config = ManagerConfig::default();
-    manager_config.custom_setup = Box::new(|url| establish(url).boxed());
-    let manager =
-        AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, manager_config);
-    let pool = bb8::Pool::builder()
-        .max_size(size)
-        .connection_timeout(Duration::from_secs(3))
-        .retry_connection(false)
-        .build_unchecked(manager);
-    // Fail fast with the real reason rather than a pool timeout later.
-    let conn = pool
-        .get()
-        .await
-        .map_err(|e| DbError::Connect(e.to_string()))?;
-    drop(conn);
-    Ok(pool)
 }
 
 /// Runs pending migrations under an advisory lock; returns how many ran.

@@ -83,6 +83,19 @@ impl BrokerProcess {
 
     /// A broker on `db_url` with `config` (listen and database.url are set here).
     pub async fn spawn_config(db_url: &str, config: ProcessConfig) -> BrokerProcess {
+        Self::spawn_toml(config.set("database.url", &format!("{db_url:?}"))).await
+    }
+
+    /// A broker without `database.url`: it starts (or adopts) the embedded
+    /// PostgreSQL in `data_dir` (`storage.data_dir`) itself.
+    pub async fn spawn_embedded(
+        data_dir: &std::path::Path,
+        config: ProcessConfig,
+    ) -> BrokerProcess {
+        Self::spawn_toml(config.set("storage.data_dir", &format!("{data_dir:?}"))).await
+    }
+
+    async fn spawn_toml(config: ProcessConfig) -> BrokerProcess {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
             l.local_addr().unwrap().port()
@@ -91,7 +104,6 @@ impl BrokerProcess {
         let config_path = dir.path().join("meshbroker.toml");
         let toml = config
             .set("server.listen", &format!("\"127.0.0.1:{port}\""))
-            .set("database.url", &format!("{db_url:?}"))
             .render();
         std::fs::write(&config_path, toml).expect("write config");
         let mut p = BrokerProcess {

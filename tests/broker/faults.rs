@@ -33,6 +33,12 @@ use crate::support::*;
 /// A correctness deadline: recovery that takes longer than this is a failure.
 const RECOVER: Duration = Duration::from_secs(30);
 
+/// While the broker knows its database is down, readiness and refusals
+/// answer at once (in milliseconds); a broker that waits on its pool takes
+/// the pool's 3 s checkout timeout. A second tells the two apart with room
+/// for a loaded machine.
+const FAST_REFUSAL: Duration = Duration::from_secs(1);
+
 // ---------------------------------------------------------------------------
 // Helpers
 
@@ -209,6 +215,75 @@ async fn ack_all(
     Ok(())
 }
 
+/// One `send`'s outcome, with when it was sent and answered.
+struct Sent {
+    began: Instant,
+    answered: Instant,
+    queued: bool,
+    error: Option<String>,
+}
+
+/// Sends to `to` every ~30 ms until `stop`, logging each answer; hands the
+/// connection back.
+fn steady_sender(
+    mut conn: Connection,
+    to: String,
+    ledger: Rc<RefCell<Ledger>>,
+    log: Rc<RefCell<Vec<Sent>>>,
+    stop: Rc<Cell<bool>>,
+) -> actix_web::rt::task::JoinHandle<Result<Connection, String>> {
+    actix_web::rt::spawn(async move {
+        let mut i = 0;
+        while !stop.get() {
+            i += 1;
+            let began = Instant::now();
+            let ack = conn
+                .send_message(&to, &format!("m{i}"), "next", None)
+                .await
+                .map_err(|e| format!("sender: {e:#}"))?;
+            ledger.borrow_mut().sent(&ack);
+            log.borrow_mut().push(Sent {
+                began,
+                answered: Instant::now(),
+                queued: ack["queued"] == true,
+                error: ack["error"].as_str().map(str::to_owned),
+            });
+            conn.drain_for(Duration::ZERO)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        Ok(conn)
+    })
+}
+
+/// Records and acks every delivery until `stop`; fails if its socket is
+/// closed. Hands the connection back.
+fn acking_receiver(
+    mut conn: Connection,
+    ledger: Rc<RefCell<Ledger>>,
+    stop: Rc<Cell<bool>>,
+) -> actix_web::rt::task::JoinHandle<Result<Connection, String>> {
+    actix_web::rt::spawn(async move {
+        while !stop.get() {
+            match conn
+                .recv(Duration::from_millis(100))
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Event::Frame(f) => ack_all(&mut conn, &ledger, &[f])
+                    .await
+                    .map_err(|e| e.to_string())?,
+                Event::Closed { code, reason } => {
+                    return Err(format!("recipient closed: {code:?} {reason}"))
+                }
+                Event::Timeout => {}
+            }
+        }
+        Ok(conn)
+    })
+}
+
 async fn ready_status(http_url: &str) -> Option<u16> {
     awc::Client::new()
         .get(format!("{http_url}/health/ready"))
@@ -237,6 +312,17 @@ async fn broker_counters(http_url: &str) -> String {
 
 fn secs(d: Duration) -> String {
     format!("{:.2}s", d.as_secs_f64())
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}ms", d.as_secs_f64() * 1e3)
+}
+
+/// How long `f` took, and its output.
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> (Duration, T) {
+    let began = Instant::now();
+    let out = f.await;
+    (began.elapsed(), out)
 }
 
 // ---------------------------------------------------------------------------
@@ -347,17 +433,10 @@ async fn killed_broker_repushes_exactly_the_unacked_deliveries() {
 // ---------------------------------------------------------------------------
 // 2. PostgreSQL stops under traffic
 
-/// One `send`'s outcome, with when it was sent and answered.
-struct Sent {
-    began: Instant,
-    answered: Instant,
-    queued: bool,
-    error: Option<String>,
-}
-
-/// PostgreSQL stopped for ~10 s while a sender sends steadily: sends are
+/// PostgreSQL stopped for ~7 s while a sender sends steadily: sends are
 /// refused `unavailable` (never `queued:true` for what was not stored),
-/// `/health/ready` is 503, the sockets stay open, and afterwards traffic
+/// `/health/ready` is 503, and all of them answer at once rather than after
+/// the pool's checkout timeout; the sockets stay open, and afterwards traffic
 /// resumes by itself with nothing accepted lost.
 #[actix_web::test]
 async fn postgres_outage_refuses_sends_and_recovers_without_restart() {
@@ -371,85 +450,44 @@ async fn postgres_outage_refuses_sends_and_recovers_without_restart() {
         ProcessConfig::new().set("delivery.lease", "\"3s\""),
     )
     .await;
-    let mut ac = connect_retry(&p.ws_url, &a).await;
-    let mut bc = connect_retry(&p.ws_url, &b).await;
+    let ac = connect_retry(&p.ws_url, &a).await;
+    let bc = connect_retry(&p.ws_url, &b).await;
 
     let ledger = Rc::new(RefCell::new(Ledger::default()));
     let log: Rc<RefCell<Vec<Sent>>> = Rc::default();
     let stop = Rc::new(Cell::new(false));
     let stop_receiver = Rc::new(Cell::new(false));
-    let sender = {
-        let (ledger, log, stop, to) = (ledger.clone(), log.clone(), stop.clone(), b.pubkey());
-        actix_web::rt::spawn(async move {
-            let mut i = 0;
-            while !stop.get() {
-                i += 1;
-                let began = Instant::now();
-                let ack = ac
-                    .send_message(&to, &format!("m{i}"), "next", None)
-                    .await
-                    .map_err(|e| format!("sender: {e:#}"))?;
-                ledger.borrow_mut().sent(&ack);
-                log.borrow_mut().push(Sent {
-                    began,
-                    answered: Instant::now(),
-                    queued: ack["queued"] == true,
-                    error: ack["error"].as_str().map(str::to_owned),
-                });
-                ac.drain_for(Duration::ZERO)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                tokio::time::sleep(Duration::from_millis(30)).await;
-            }
-            Ok::<_, String>(ac)
-        })
-    };
-    let receiver = {
-        let (ledger, stop) = (ledger.clone(), stop_receiver.clone());
-        actix_web::rt::spawn(async move {
-            while !stop.get() {
-                match bc
-                    .recv(Duration::from_millis(100))
-                    .await
-                    .map_err(|e| e.to_string())?
-                {
-                    Event::Frame(f) => ack_all(&mut bc, &ledger, &[f])
-                        .await
-                        .map_err(|e| e.to_string())?,
-                    Event::Closed { code, reason } => {
-                        return Err(format!("recipient closed: {code:?} {reason}"))
-                    }
-                    Event::Timeout => {}
-                }
-            }
-            Ok::<_, String>(bc)
-        })
-    };
+    let sender = steady_sender(ac, b.pubkey(), ledger.clone(), log.clone(), stop.clone());
+    let receiver = acking_receiver(bc, ledger.clone(), stop_receiver.clone());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = ledger.borrow().report().accepted;
     assert!(before > 0, "traffic flows before the outage");
 
     cluster.stop().await;
     let stopped = Instant::now();
-    assert_eq!(
-        ready_status(&p.http_url).await,
-        Some(503),
-        "/health/ready while PostgreSQL is down"
-    );
-    let refused_hello = client::hello(&p.ws_url, &a.creds, &HelloOptions::default())
-        .await
-        .expect_err("a hello cannot be verified while PostgreSQL is down");
+    let (ready_first, status) = timed(ready_status(&p.http_url)).await;
+    assert_eq!(status, Some(503), "/health/ready while PostgreSQL is down");
+    let (hello_refused_in, refused_hello) =
+        timed(client::hello(&p.ws_url, &a.creds, &HelloOptions::default())).await;
+    let refused_hello =
+        refused_hello.expect_err("a hello cannot be verified while PostgreSQL is down");
     assert!(
         format!("{refused_hello:#}").contains("unavailable"),
         "{refused_hello:#}"
     );
-    // ~10 s in all: the check below waits out the pool's 3 s timeout.
-    tokio::time::sleep(Duration::from_secs(7).saturating_sub(stopped.elapsed())).await;
+    // The broker knows the database is down: nothing waits out the pool.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (health_in, (health_status, health_body)) =
+        timed(http_get(&format!("{}/health", p.http_url))).await;
     assert_eq!(
-        ready_status(&p.http_url).await,
-        Some(503),
-        "/health/ready at the end of the outage"
+        health_status, 200,
+        "/health during the outage: {health_body}"
     );
+    let health: Value = serde_json::from_str(&health_body).expect("/health is JSON");
+    assert_eq!(health["db"], "down", "{health_body}");
+    tokio::time::sleep(Duration::from_secs(7).saturating_sub(stopped.elapsed())).await;
+    let (ready_last, status) = timed(ready_status(&p.http_url)).await;
+    assert_eq!(status, Some(503), "/health/ready at the end of the outage");
     let outage_end = Instant::now();
     cluster.restart().await;
     let started = Instant::now();
@@ -521,6 +559,22 @@ async fn postgres_outage_refuses_sends_and_recovers_without_restart() {
         .iter()
         .filter(|s| s.began >= stopped && s.began < outage_end && s.queued)
         .count();
+    let refusal_times: Vec<Duration> = during.iter().map(|s| s.answered - s.began).collect();
+    let refused_send_max = refusal_times.iter().max().copied().unwrap_or_default();
+    let refused_send_mean = refusal_times.iter().sum::<Duration>() / during.len() as u32;
+    for (what, took) in [
+        ("/health/ready just after the stop", ready_first),
+        ("/health/ready at the end of the outage", ready_last),
+        ("/health during the outage", health_in),
+        ("a refused hello", hello_refused_in),
+        ("the slowest refused send", refused_send_max),
+    ] {
+        assert!(
+            took < FAST_REFUSAL,
+            "{what} took {took:?} while PostgreSQL was down: the broker waited on the pool \
+             instead of knowing the database is down"
+        );
+    }
     for s in &during {
         assert!(
             !s.queued,
@@ -539,10 +593,16 @@ async fn postgres_outage_refuses_sends_and_recovers_without_restart() {
     ledger.borrow().assert_nothing_lost(
         TEST,
         &format!(
-            "sends_during_outage={} sent_in_outage_queued_after_restart={queued_across_restart} stored_despite_refusal={} outage={} pg_start_to_first_queued={} pg_start_to_all_acked={}",
+            "sends_during_outage={} sent_in_outage_queued_after_restart={queued_across_restart} stored_despite_refusal={} outage={} ready_503_in={}/{} health_down_in={} hello_refused_in={} send_refused_in_mean={} max={} pg_start_to_first_queued={} pg_start_to_all_acked={}",
             during.len(),
             stored_despite_refusal,
             secs(outage_end - stopped),
+            ms(ready_first),
+            ms(ready_last),
+            ms(health_in),
+            ms(hello_refused_in),
+            ms(refused_send_mean),
+            ms(refused_send_max),
             secs(first_queued),
             secs(all_acked)
         ),
@@ -550,7 +610,186 @@ async fn postgres_outage_refuses_sends_and_recovers_without_restart() {
 }
 
 // ---------------------------------------------------------------------------
-// 3. A reconnect storm
+// 3. The broker's own embedded PostgreSQL is killed
+
+/// SIGQUITs (immediate shutdown) the postmaster of the cluster in `pgdata`
+/// when dropped, so a failed test leaves no cluster behind its broker.
+struct StopClusterOnDrop(std::path::PathBuf);
+
+impl StopClusterOnDrop {
+    fn postmaster(&self) -> Option<nix::unistd::Pid> {
+        let text = std::fs::read_to_string(self.0.join("postmaster.pid")).ok()?;
+        let pid = text.lines().next()?.trim().parse().ok()?;
+        Some(nix::unistd::Pid::from_raw(pid))
+    }
+}
+
+impl Drop for StopClusterOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.postmaster() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGQUIT);
+        }
+    }
+}
+
+/// `meshbroker serve` with no `database.url` runs on an embedded cluster
+/// it started itself. `kill -9` of that cluster's postmaster under steady
+/// traffic: the broker restarts it (counted in
+/// `meshbroker_embedded_postgres_restarts_total`, its log tail in the
+/// broker's log), sends are accepted again without a broker restart, and
+/// nothing accepted is lost. SIGTERM then stops the cluster for good.
+#[actix_web::test]
+async fn killed_embedded_postgres_is_restarted_by_the_broker() {
+    const TEST: &str = "killed_embedded_postgres_is_restarted_by_the_broker";
+    let dir = tempfile::Builder::new()
+        .prefix("mb-pgsuper-")
+        .tempdir()
+        .expect("temp dir");
+    // The cluster runs as `postgres` when we are root.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod temp dir");
+    let data_dir = dir.path().join("d");
+    let cluster = StopClusterOnDrop(data_dir.join("pg"));
+    let mut p = BrokerProcess::spawn_embedded(
+        &data_dir,
+        ProcessConfig::new().set("delivery.lease", "\"3s\""),
+    )
+    .await;
+    let broker_pid = p.pid();
+    // Adopted, not owned: the broker that started it is alive.
+    let pg = OwnCluster::boot(data_dir.clone()).await;
+    let mesh = Mesh::create(&pg.url()).await;
+    let a = mesh.member("alice").await;
+    let b = mesh.member("bob").await;
+    let ac = connect_retry(&p.ws_url, &a).await;
+    let bc = connect_retry(&p.ws_url, &b).await;
+
+    let ledger = Rc::new(RefCell::new(Ledger::default()));
+    let log: Rc<RefCell<Vec<Sent>>> = Rc::default();
+    let (stop, stop_receiver) = (Rc::new(Cell::new(false)), Rc::new(Cell::new(false)));
+    let sender = steady_sender(ac, b.pubkey(), ledger.clone(), log.clone(), stop.clone());
+    let receiver = acking_receiver(bc, ledger.clone(), stop_receiver.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        ledger.borrow().report().accepted > 0,
+        "traffic flows before the kill"
+    );
+    let restarts = |text: &str| metric(text, "meshbroker_embedded_postgres_restarts_total", &[]);
+    assert_eq!(restarts(&metrics_at(&p.http_url).await), 0.0);
+
+    let postmaster = cluster
+        .postmaster()
+        .expect("postmaster.pid names the postmaster");
+    nix::sys::signal::kill(postmaster, nix::sys::signal::Signal::SIGKILL)
+        .expect("kill -9 the postmaster");
+    let killed = Instant::now();
+
+    // Traffic resumes by itself: the first `queued:true` for a send made
+    // after the kill.
+    let first_queued = loop {
+        let found = log
+            .borrow()
+            .iter()
+            .find(|s| s.began >= killed && s.queued)
+            .map(|s| s.answered);
+        if let Some(t) = found {
+            break t - killed;
+        }
+        assert!(
+            killed.elapsed() < RECOVER,
+            "no send was accepted within {RECOVER:?} of the kill; broker log:\n{}",
+            p.log()
+        );
+        assert!(
+            !sender.is_finished() && !receiver.is_finished(),
+            "a client stopped early"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let refused_after_kill = log
+        .borrow()
+        .iter()
+        .filter(|s| s.began >= killed && !s.queued)
+        .count();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.set(true);
+    let ac = sender
+        .await
+        .expect("sender task")
+        .unwrap_or_else(|e| panic!("{e}"));
+    while ledger.borrow().outstanding() > 0 && killed.elapsed() < RECOVER {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let all_acked = killed.elapsed();
+    assert_all_delivered_in_db(&mesh.pool, TEST).await;
+    stop_receiver.set(true);
+    let bc = receiver
+        .await
+        .expect("receiver task")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        !ac.is_closed() && !bc.is_closed(),
+        "the sockets stayed open"
+    );
+    for s in log.borrow().iter().filter(|s| !s.queued) {
+        let error = s.error.as_deref().unwrap_or_default();
+        assert!(error.starts_with("unavailable: "), "refusal: {error}");
+    }
+
+    // Brought back by the same broker process, once, and said so.
+    assert_eq!(
+        p.child.try_wait().expect("try_wait"),
+        None,
+        "the broker kept running"
+    );
+    assert_eq!(p.pid(), broker_pid);
+    let restarted = cluster.postmaster().expect("a postmaster again");
+    assert_ne!(restarted, postmaster, "a new postmaster");
+    assert_eq!(
+        restarts(&metrics_at(&p.http_url).await),
+        1.0,
+        "one restart counted"
+    );
+    assert_eq!(
+        ready_status(&p.http_url).await,
+        Some(200),
+        "/health/ready after the restart"
+    );
+    let broker_log = p.log();
+    assert!(
+        broker_log.contains("embedded PostgreSQL is not running; restarting it")
+            && broker_log.contains("embedded PostgreSQL restarted"),
+        "the broker logs the death and the restart:\n{broker_log}"
+    );
+
+    let r = ledger.borrow().assert_nothing_lost(
+        TEST,
+        &format!(
+            "refused_after_kill={refused_after_kill} kill_to_first_queued={} kill_to_all_acked={} restarts=1",
+            secs(first_queued),
+            secs(all_acked)
+        ),
+    );
+    assert!(r.accepted > 0);
+
+    // Stopped on purpose (SIGTERM), the cluster stays stopped.
+    drop((ac, bc, mesh, pg));
+    p.sigterm();
+    assert!(p.wait_exit(Duration::from_secs(60)).await.success());
+    let gone = Instant::now() + Duration::from_secs(10);
+    while cluster.postmaster().is_some() {
+        assert!(
+            Instant::now() < gone,
+            "the broker stopped its cluster on SIGTERM; broker log:\n{}",
+            p.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 4. A reconnect storm
 
 /// Three sessions reconnect 100 times each (closing cleanly, dropping the
 /// socket, or being replaced by their next hello) while two members send
@@ -687,7 +926,7 @@ async fn reconnect_storm_loses_nothing() {
 }
 
 // ---------------------------------------------------------------------------
-// 4. The soak
+// 5. The soak
 
 /// One member's client for the soak: sends to random peers, acks what it
 /// gets, and reconnects whenever its socket dies (or a burst asks it to).
