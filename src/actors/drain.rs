@@ -17,6 +17,7 @@ use chrono::{DateTime, Utc};
 use super::conn::{ConnHandle, Outbound};
 use super::Shared;
 use crate::db::queries::{self, ClaimSpec, Claimed};
+use crate::db::QueryError;
 use crate::error_code::ErrorCode;
 use crate::ids::{DeliveryId, MemberId, MessageId, PresenceId, Role};
 use crate::metrics::{ActorKind, Metrics};
@@ -173,7 +174,7 @@ impl Drain {
         let member_id = self.member_id;
         let fut = async move {
             let cfg = &shared.config.delivery;
-            let mut conn = shared.pool.get().await.map_err(|e| e.to_string())?;
+            let mut conn = shared.pool.get().await?;
             let mut batches = Vec::with_capacity(plans.len());
             for plan in plans {
                 let spec = ClaimSpec {
@@ -186,12 +187,10 @@ impl Drain {
                     node_id: shared.node_id.0,
                     max_attempts: cfg.max_attempts as i32,
                 };
-                let rows = queries::claim(&mut conn, &spec)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let rows = queries::claim(&mut conn, &spec).await?;
                 batches.push((plan, rows));
             }
-            Ok::<_, String>(batches)
+            Ok::<_, QueryError>(batches)
         };
         let fut = fut.into_actor(self).map(|result, act, ctx| {
             act.running = false;
@@ -484,14 +483,14 @@ impl Handler<Ack> for Drain {
         self.spawn_db(
             ctx,
             async move {
-                let mut conn = shared.pool.get().await.map_err(|e| e.to_string())?;
+                let mut conn = shared.pool.get().await?;
                 let (broker_id, client_id) = match &msg.message {
                     AckedMessage::Broker(id) => (Some(id.0), None),
                     AckedMessage::Client(id) => (None, Some(id.as_str())),
                 };
-                queries::ack(&mut conn, member_id.0, &key, broker_id, client_id)
-                    .await
-                    .map_err(|e| e.to_string())
+                Ok::<_, QueryError>(
+                    queries::ack(&mut conn, member_id.0, &key, broker_id, client_id).await?,
+                )
             }
             .into_actor(self)
             .map(move |result, act, ctx| {
@@ -548,7 +547,7 @@ impl Handler<Settle> for Drain {
         self.spawn_db(
             ctx,
             async move {
-                let mut conn = shared.pool.get().await.map_err(|e| e.to_string())?;
+                let mut conn = shared.pool.get().await?;
                 let (presence, message) = (msg.presence_id.0, msg.message_id.0);
                 match msg.how {
                     Settlement::Nack(delay) => {
@@ -558,7 +557,7 @@ impl Handler<Settle> for Drain {
                         queries::extend_lease(&mut conn, presence, message, lease).await
                     }
                 }
-                .map_err(|e| e.to_string())
+                .map_err(QueryError::from)
             }
             .into_actor(self)
             .map(move |result, act, ctx| {

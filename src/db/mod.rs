@@ -30,6 +30,18 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 /// starting at once do not both apply them.
 const MIGRATION_LOCK_KEY: i64 = 0x6d65_7368_6272_6b72; // "meshbrkr"
 
+/// Why a step that needs the database failed while serving: no connection
+/// (the database is down, or the pool stayed exhausted), or the query
+/// itself. Either way the client is told `unavailable`.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("database query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+}
+
+/// Why the database could not be set up (connect, migrate).
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("cannot connect to the database: {0}")]

@@ -6,7 +6,7 @@ use actix::prelude::*;
 
 use super::{error, reject, reply, Ctx, Io, Ready, WsSession};
 use crate::actors::registry;
-use crate::db::queries;
+use crate::db::{queries, QueryError};
 use crate::error_code::ErrorCode;
 use crate::ids::Status;
 use crate::protocol::{self, bounds, Group, Peer, PeersList, SendAck};
@@ -118,8 +118,8 @@ impl Io {
     {
         let pool = self.shared.pool.clone();
         let fut = async move {
-            let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-            write(&mut conn).await.map_err(|e| e.to_string())
+            let mut conn = pool.get().await?;
+            Ok::<_, QueryError>(write(&mut conn).await?)
         };
         ctx.wait(actix::fut::wrap_future::<_, WsSession>(fut).map(
             move |result, _, ctx| match result {
@@ -144,10 +144,8 @@ impl Io {
         let (mesh_id, own_member) = (ready.mesh_id, ready.member.id);
         let pool = self.shared.pool.clone();
         let fut = async move {
-            let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-            queries::listed_presence(&mut conn, mesh_id.0)
-                .await
-                .map_err(|e| e.to_string())
+            let mut conn = pool.get().await?;
+            Ok::<_, QueryError>(queries::listed_presence(&mut conn, mesh_id.0).await?)
         };
         // `wait`, like every other database step of a session: a spawned
         // future holding a pooled connection would be paused by the next
