@@ -177,6 +177,45 @@ async fn reconnecting_within_the_grace_is_silent() {
     assert_eq!(bobs, 1, "one presence for bob: {peers:?}");
 }
 
+/// Takeover inside the grace window follows the replacement rule: a CLI
+/// command's hello (same `sessionId`, a fresh `sessionPubkey`) takes over
+/// nothing of an earlier command with another key, so peers hear it join.
+#[actix_web::test]
+async fn a_hello_with_another_session_key_takes_over_nothing() {
+    let env = TestEnv::start_with(|c| c.presence.grace = Dur::secs(5)).await;
+    let a = env.member("alice").await;
+    let b = env.member("bob").await;
+    let mut ac = env.connect(&a).await;
+    let sid = format!("sid-{}", uuid::Uuid::new_v4());
+    let cli = |key: &ed25519_dalek::SigningKey| HelloOptions {
+        session_pubkey: Some(spub(key)),
+        ..sid_opts("bob-cli", &sid)
+    };
+    let (k1, k2) = (
+        client::generate_session_key(),
+        client::generate_session_key(),
+    );
+    let (first, _) = env.connect_opts(&b, cli(&k1)).await;
+    ac.expect_system("peer_joined", WAIT).await.must();
+    first.close().await.must();
+    // Another command of the same session: announced, not a takeover.
+    let (second, _) = env.connect_opts(&b, cli(&k2)).await;
+    let joined = ac.expect_system("peer_joined", WAIT).await.must();
+    assert_eq!(
+        joined["eventData"]["pubkey"],
+        spub(&k2).as_str(),
+        "{joined}"
+    );
+    second.close().await.must();
+    // The same key again inside its grace: a silent takeover.
+    let (_again, _) = env.connect_opts(&b, cli(&k2)).await;
+    let frames = ac.drain_for(QUIET).await.must();
+    assert!(
+        !frames.iter().any(|f| f["event"] == "peer_joined"),
+        "a takeover announces nothing: {frames:?}"
+    );
+}
+
 #[actix_web::test]
 async fn set_visible_hides_from_other_members_but_not_the_own_member() {
     let env = TestEnv::start().await;

@@ -84,7 +84,12 @@ pub async fn open_presence(
                 in_grace
                     .filter(presence::role.ne(Role::Session))
                     .filter(presence::member_id.eq(row.member_id))
-                    .filter(presence::session_id.eq(&row.session_id)),
+                    .filter(presence::session_id.eq(&row.session_id))
+                    // The replacement rule (`routing::replaces`): the same
+                    // session key too, both absent or equal.
+                    .filter(
+                        presence::session_pubkey.is_not_distinct_from(row.session_pubkey.clone()),
+                    ),
             )
             .set(presence::grace_until.eq(None::<DateTime<Utc>>))
             .returning(presence::id)
