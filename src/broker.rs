@@ -155,7 +155,7 @@ impl Broker {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if let Ok(mut conn) = self.shared.pool.get().await {
-            let _ = queries::release_node_claims(&mut conn, self.shared.node_id.0).await;
+            let _ = queries::release_node_claims(&mut conn, self.shared.node_id).await;
         }
         self.server.stop(true).await;
         let _ = self.server_task.await;

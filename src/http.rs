@@ -245,7 +245,7 @@ async fn hook_set_status(
         if *current == Status::Dnd {
             continue;
         }
-        if queries::set_status(&mut conn, *presence_id, status)
+        if queries::set_status(&mut conn, PresenceId(*presence_id), status)
             .await
             .is_err()
         {

@@ -19,7 +19,7 @@ use super::Shared;
 use crate::db::queries::{self, ClaimSpec, Claimed};
 use crate::db::QueryError;
 use crate::error_code::ErrorCode;
-use crate::ids::{DeliveryId, MemberId, MessageId, PresenceId, Role};
+use crate::ids::{ClaimId, DeliveryId, MemberId, MessageId, PresenceId, Role};
 use crate::metrics::{ActorKind, Metrics};
 use crate::protocol::{self, Push};
 use crate::routing::{self, Candidate, ClaimPlan};
@@ -178,13 +178,13 @@ impl Drain {
             let mut batches = Vec::with_capacity(plans.len());
             for plan in plans {
                 let spec = ClaimSpec {
-                    member_id: member_id.0,
-                    presence_id: plan.presence_id.0,
+                    member_id,
+                    presence_id: plan.presence_id,
                     key: plan.key.as_deref().unwrap_or(""),
                     member_wide: plan.member_wide,
                     limit: plan.limit,
                     lease: cfg.lease.get(),
-                    node_id: shared.node_id.0,
+                    node_id: shared.node_id,
                     max_attempts: cfg.max_attempts as i32,
                 };
                 let rows = queries::claim(&mut conn, &spec).await?;
@@ -224,12 +224,12 @@ impl Drain {
         let metrics = self.shared.metrics.clone();
         Metrics::add(&metrics.deliveries_claimed, rows.len() as u64);
         let Some(conn) = self.conns.get_mut(&presence_id) else {
-            let claims = rows.iter().map(|r| r.claim_id).collect();
+            let claims = rows.iter().map(|r| ClaimId(r.claim_id)).collect();
             self.give_back_unpushed(ctx, claims);
             return;
         };
         let ids: Vec<DeliveryId> = rows.iter().map(|r| r.id).collect();
-        let claims: Vec<uuid::Uuid> = rows.iter().map(|r| r.claim_id).collect();
+        let claims: Vec<ClaimId> = rows.iter().map(|r| ClaimId(r.claim_id)).collect();
         let attempts: Vec<(i32, DateTime<Utc>)> =
             rows.iter().map(|r| (r.attempts, r.created_at)).collect();
         let frames = rows
@@ -257,7 +257,7 @@ impl Drain {
 
     /// Gives back claims that were never written to a connection: their
     /// attempt is not counted (an attempt is a push the socket accepted).
-    fn give_back_unpushed(&mut self, ctx: &mut Context<Self>, claims: Vec<uuid::Uuid>) {
+    fn give_back_unpushed(&mut self, ctx: &mut Context<Self>, claims: Vec<ClaimId>) {
         let pool = self.shared.pool.clone();
         self.spawn_db(
             ctx,
@@ -293,7 +293,7 @@ impl Drain {
             async move {
                 match pool.get().await {
                     Ok(mut conn) => {
-                        if let Err(e) = queries::release_presence_claims(&mut conn, presence_id.0).await {
+                        if let Err(e) = queries::release_presence_claims(&mut conn, presence_id).await {
                             tracing::warn!(presence = %presence_id, error = %e, "could not release claims; they expire instead");
                         }
                     }
@@ -485,11 +485,11 @@ impl Handler<Ack> for Drain {
             async move {
                 let mut conn = shared.pool.get().await?;
                 let (broker_id, client_id) = match &msg.message {
-                    AckedMessage::Broker(id) => (Some(id.0), None),
+                    AckedMessage::Broker(id) => (Some(*id), None),
                     AckedMessage::Client(id) => (None, Some(id.as_str())),
                 };
                 Ok::<_, QueryError>(
-                    queries::ack(&mut conn, member_id.0, &key, broker_id, client_id).await?,
+                    queries::ack(&mut conn, member_id, &key, broker_id, client_id).await?,
                 )
             }
             .into_actor(self)
@@ -548,7 +548,7 @@ impl Handler<Settle> for Drain {
             ctx,
             async move {
                 let mut conn = shared.pool.get().await?;
-                let (presence, message) = (msg.presence_id.0, msg.message_id.0);
+                let (presence, message) = (msg.presence_id, msg.message_id);
                 match msg.how {
                     Settlement::Nack(delay) => {
                         queries::nack(&mut conn, presence, message, delay).await

@@ -163,7 +163,7 @@ impl Actor for Registry {
         // can be told apart from a quiet one (the sweeper reaps stale rows).
         let every = self.shared.config.presence.ping_interval.get();
         ctx.run_interval(every, |act, ctx| {
-            let ids: Vec<Uuid> = act.conns.keys().map(|id| id.0).collect();
+            let ids: Vec<PresenceId> = act.conns.keys().copied().collect();
             if ids.is_empty() {
                 return;
             }
@@ -285,7 +285,7 @@ impl Handler<Disconnect> for Registry {
                     tracing::warn!(presence = %entry.presence_id, "database unavailable: presence row left open; the sweeper reaps it");
                     return;
                 };
-                if let Err(e) = queries::close_presence(&mut conn, entry.presence_id.0, with_grace.then_some(grace)).await {
+                if let Err(e) = queries::close_presence(&mut conn, entry.presence_id, with_grace.then_some(grace)).await {
                     tracing::warn!(presence = %entry.presence_id, error = %e, "could not close presence row");
                 }
             }
@@ -525,7 +525,7 @@ impl Handler<Shutdown> for Registry {
         self.count();
         self.shutting_down = true;
         let shared = self.shared.clone();
-        let node = shared.node_id.0;
+        let node = shared.node_id;
         let grace = shared.config.presence.grace.get();
         Box::pin(
             async move {

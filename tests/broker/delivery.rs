@@ -733,6 +733,7 @@ async fn an_expired_message_is_never_pushed() {
 #[actix_web::test]
 async fn claims_never_pushed_are_given_back_without_using_an_attempt() {
     use meshbroker::db::queries::{self, ClaimSpec};
+    use meshbroker::ids::{ClaimId, NodeId, PresenceId};
     let env = TestEnv::start().await;
     let (a, b) = (env.member("alice").await, env.member("bob").await);
     let mut ac = env.connect(&a).await;
@@ -747,19 +748,19 @@ async fn claims_never_pushed_are_given_back_without_using_an_attempt() {
     };
     let spec = ClaimSpec {
         member_id: b.id.parse().unwrap(),
-        presence_id: uuid::Uuid::new_v4(),
+        presence_id: PresenceId::new(),
         key: "",
         member_wide: true,
         limit: 10,
         lease: Duration::from_secs(30),
-        node_id: uuid::Uuid::new_v4(),
+        node_id: NodeId::new(),
         max_attempts: 10,
     };
     let mut conn = env.pool.get().await.expect("db conn");
     let first = queries::claim(&mut conn, &spec).await.expect("claim");
     assert_eq!(first.len(), 1);
     assert_eq!(attempts().await[0]["attempts"], 1);
-    let ids: Vec<_> = first.iter().map(|r| r.claim_id).collect();
+    let ids: Vec<_> = first.iter().map(|r| ClaimId(r.claim_id)).collect();
     assert_eq!(
         queries::release_unpushed(&mut conn, &ids)
             .await

@@ -32,7 +32,7 @@ impl Io {
         let registry = self.registry.clone();
         self.write_presence(
             ctx,
-            async move |conn| queries::set_status(conn, presence_id.0, status).await,
+            async move |conn| queries::set_status(conn, presence_id, status).await,
             move |_| registry.do_send(registry::Changed::Status { presence_id }),
         );
     }
@@ -53,7 +53,7 @@ impl Io {
         let presence_id = ready.presence_id;
         self.write_presence(
             ctx,
-            async move |conn| queries::set_summary(conn, presence_id.0, summary.as_deref()).await,
+            async move |conn| queries::set_summary(conn, presence_id, summary.as_deref()).await,
             |_| {},
         );
     }
@@ -70,7 +70,7 @@ impl Io {
         let ack = SendAck::visibility_set(req_id);
         self.write_presence(
             ctx,
-            async move |conn| queries::set_visible(conn, presence_id.0, visible).await,
+            async move |conn| queries::set_visible(conn, presence_id, visible).await,
             move |ctx| {
                 registry.do_send(registry::Changed::Visible {
                     presence_id,
@@ -106,7 +106,7 @@ impl Io {
         let json = serde_json::to_value(&ready.groups).expect("groups serialize");
         self.write_presence(
             ctx,
-            async move |conn| queries::set_groups(conn, presence_id.0, &json).await,
+            async move |conn| queries::set_groups(conn, presence_id, &json).await,
             |_| {},
         );
     }

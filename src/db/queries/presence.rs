@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::common::Conn;
 use crate::db::schema::mesh::{member, presence};
-use crate::ids::{Role, Status};
+use crate::ids::{NodeId, PresenceId, Role, Status};
 
 #[derive(Debug, Clone, Insertable)]
 #[diesel(table_name = presence)]
@@ -111,11 +111,11 @@ pub async fn open_presence(
 /// taken over) until then.
 pub async fn close_presence(
     conn: &mut Conn,
-    id: Uuid,
+    id: PresenceId,
     grace: Option<std::time::Duration>,
 ) -> QueryResult<()> {
     let grace_until = grace.map(|g| Utc::now() + chrono::Duration::from_std(g).unwrap_or_default());
-    diesel::update(presence::table.find(id))
+    diesel::update(presence::table.find(id.0))
         .set((
             presence::disconnected_at.eq(diesel::dsl::now),
             presence::grace_until.eq(grace_until),
@@ -125,39 +125,44 @@ pub async fn close_presence(
     Ok(())
 }
 
-pub async fn set_status(conn: &mut Conn, id: Uuid, status: Status) -> QueryResult<()> {
-    diesel::update(presence::table.find(id))
+pub async fn set_status(conn: &mut Conn, id: PresenceId, status: Status) -> QueryResult<()> {
+    diesel::update(presence::table.find(id.0))
         .set(presence::status.eq(status))
         .execute(conn)
         .await?;
     Ok(())
 }
 
-pub async fn set_summary(conn: &mut Conn, id: Uuid, summary: Option<&str>) -> QueryResult<()> {
-    diesel::update(presence::table.find(id))
+pub async fn set_summary(
+    conn: &mut Conn,
+    id: PresenceId,
+    summary: Option<&str>,
+) -> QueryResult<()> {
+    diesel::update(presence::table.find(id.0))
         .set(presence::summary.eq(summary))
         .execute(conn)
         .await?;
     Ok(())
 }
 
-pub async fn set_visible(conn: &mut Conn, id: Uuid, visible: bool) -> QueryResult<()> {
-    diesel::update(presence::table.find(id))
+pub async fn set_visible(conn: &mut Conn, id: PresenceId, visible: bool) -> QueryResult<()> {
+    diesel::update(presence::table.find(id.0))
         .set(presence::visible.eq(visible))
         .execute(conn)
         .await?;
     Ok(())
 }
 
-pub async fn set_groups(conn: &mut Conn, id: Uuid, groups: &Value) -> QueryResult<()> {
-    diesel::update(presence::table.find(id))
+pub async fn set_groups(conn: &mut Conn, id: PresenceId, groups: &Value) -> QueryResult<()> {
+    diesel::update(presence::table.find(id.0))
         .set(presence::groups.eq(groups))
         .execute(conn)
         .await?;
     Ok(())
 }
 
-pub async fn touch_presence(conn: &mut Conn, ids: &[Uuid]) -> QueryResult<()> {
+pub async fn touch_presence(conn: &mut Conn, ids: &[PresenceId]) -> QueryResult<()> {
+    let ids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
     diesel::update(presence::table.filter(presence::id.eq_any(ids)))
         .set(presence::last_seen_at.eq(diesel::dsl::now))
         .execute(conn)
@@ -300,13 +305,13 @@ pub async fn live_sessions_by_process(
 /// Marks every presence row of this broker process disconnected (shutdown).
 pub async fn close_node_presence(
     conn: &mut Conn,
-    node_id: Uuid,
+    node_id: NodeId,
     grace: std::time::Duration,
 ) -> QueryResult<usize> {
     let grace_until = Utc::now() + chrono::Duration::from_std(grace).unwrap_or_default();
     diesel::update(
         presence::table
-            .filter(presence::broker_node_id.eq(node_id))
+            .filter(presence::broker_node_id.eq(node_id.0))
             .filter(presence::disconnected_at.is_null()),
     )
     .set((

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::common::{secs, Conn};
 use crate::db::rules::{claimable, CLAIM_RESET};
-use crate::ids::{Priority, Status};
+use crate::ids::{ClaimId, MemberId, MessageId, NodeId, PresenceId, Priority, Status};
 
 /// A delivery claimed for one connection, with what its push needs.
 #[derive(Debug, Clone, QueryableByName)]
@@ -61,15 +61,15 @@ pub struct Claimed {
 /// What one claim may take.
 #[derive(Debug, Clone)]
 pub struct ClaimSpec<'a> {
-    pub member_id: Uuid,
-    pub presence_id: Uuid,
+    pub member_id: MemberId,
+    pub presence_id: PresenceId,
     /// The connection's key: deliveries addressed to exactly this key.
     pub key: &'a str,
     /// Whether this connection also takes the member's unkeyed deliveries.
     pub member_wide: bool,
     pub limit: i64,
     pub lease: std::time::Duration,
-    pub node_id: Uuid,
+    pub node_id: NodeId,
     pub max_attempts: i32,
 }
 
@@ -110,13 +110,13 @@ pub async fn claim(conn: &mut Conn, spec: &ClaimSpec<'_>) -> QueryResult<Vec<Cla
         )
     });
     let mut rows: Vec<Claimed> = diesel::sql_query(CLAIM.as_str())
-        .bind::<SqlUuid, _>(spec.member_id)
-        .bind::<SqlUuid, _>(spec.presence_id)
+        .bind::<SqlUuid, _>(spec.member_id.0)
+        .bind::<SqlUuid, _>(spec.presence_id.0)
         .bind::<Text, _>(spec.key)
         .bind::<Bool, _>(spec.member_wide)
         .bind::<Int8, _>(spec.limit)
         .bind::<Double, _>(secs(spec.lease))
-        .bind::<SqlUuid, _>(spec.node_id)
+        .bind::<SqlUuid, _>(spec.node_id.0)
         .bind::<Int4, _>(spec.max_attempts)
         .load(conn)
         .await?;
@@ -138,9 +138,9 @@ pub struct Acked {
 /// to this member, unkeyed or keyed to this connection, are touched.
 pub async fn ack(
     conn: &mut Conn,
-    member_id: Uuid,
+    member_id: MemberId,
     key: &str,
-    broker_message_id: Option<Uuid>,
+    broker_message_id: Option<MessageId>,
     client_message_id: Option<&str>,
 ) -> QueryResult<Vec<Acked>> {
     diesel::sql_query(
@@ -154,9 +154,9 @@ pub async fn ack(
                      ELSE (m.client_message_id = $4 OR m.id::text = $4) END
          RETURNING q.id, q.created_at",
     )
-    .bind::<SqlUuid, _>(member_id)
+    .bind::<SqlUuid, _>(member_id.0)
     .bind::<Text, _>(key)
-    .bind::<Nullable<SqlUuid>, _>(broker_message_id)
+    .bind::<Nullable<SqlUuid>, _>(broker_message_id.map(|m| m.0))
     .bind::<Nullable<Text>, _>(client_message_id)
     .load(conn)
     .await
@@ -172,8 +172,8 @@ pub struct Touched {
 /// Gives back the asker's claim on a message: eligible again after `delay`.
 pub async fn nack(
     conn: &mut Conn,
-    presence_id: Uuid,
-    message_id: Uuid,
+    presence_id: PresenceId,
+    message_id: MessageId,
     delay: std::time::Duration,
 ) -> QueryResult<Vec<Touched>> {
     static NACK: LazyLock<String> = LazyLock::new(|| {
@@ -185,8 +185,8 @@ pub async fn nack(
         )
     });
     diesel::sql_query(NACK.as_str())
-        .bind::<SqlUuid, _>(presence_id)
-        .bind::<SqlUuid, _>(message_id)
+        .bind::<SqlUuid, _>(presence_id.0)
+        .bind::<SqlUuid, _>(message_id.0)
         .bind::<Double, _>(secs(delay))
         .load(conn)
         .await
@@ -195,8 +195,8 @@ pub async fn nack(
 /// Extends the asker's live claim on a message by another lease.
 pub async fn extend_lease(
     conn: &mut Conn,
-    presence_id: Uuid,
-    message_id: Uuid,
+    presence_id: PresenceId,
+    message_id: MessageId,
     lease: std::time::Duration,
 ) -> QueryResult<Vec<Touched>> {
     diesel::sql_query(
@@ -205,18 +205,21 @@ pub async fn extend_lease(
             AND claim_expires_at > now()
          RETURNING id",
     )
-    .bind::<SqlUuid, _>(presence_id)
-    .bind::<SqlUuid, _>(message_id)
+    .bind::<SqlUuid, _>(presence_id.0)
+    .bind::<SqlUuid, _>(message_id.0)
     .bind::<Double, _>(secs(lease))
     .load(conn)
     .await
 }
 
 /// Releases every unacked claim one connection holds (it closed).
-pub async fn release_presence_claims(conn: &mut Conn, presence_id: Uuid) -> QueryResult<usize> {
+pub async fn release_presence_claims(
+    conn: &mut Conn,
+    presence_id: PresenceId,
+) -> QueryResult<usize> {
     static SQL: LazyLock<String> = LazyLock::new(|| release_where("claim_presence_id"));
     diesel::sql_query(SQL.as_str())
-        .bind::<SqlUuid, _>(presence_id)
+        .bind::<SqlUuid, _>(presence_id.0)
         .execute(conn)
         .await
 }
@@ -226,7 +229,8 @@ pub async fn release_presence_claims(conn: &mut Conn, presence_id: Uuid) -> Quer
 /// close, and the attempt the claim counted is taken back, since an
 /// attempt is a push the socket accepted. Matched by claim id, so a
 /// delivery claimed again meanwhile is left alone.
-pub async fn release_unpushed(conn: &mut Conn, claim_ids: &[Uuid]) -> QueryResult<usize> {
+pub async fn release_unpushed(conn: &mut Conn, claim_ids: &[ClaimId]) -> QueryResult<usize> {
+    let claim_ids: Vec<Uuid> = claim_ids.iter().map(|c| c.0).collect();
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
             "UPDATE mesh.message_queue SET {CLAIM_RESET}, attempts = attempts - 1
@@ -234,16 +238,16 @@ pub async fn release_unpushed(conn: &mut Conn, claim_ids: &[Uuid]) -> QueryResul
         )
     });
     diesel::sql_query(SQL.as_str())
-        .bind::<Array<SqlUuid>, _>(claim_ids)
+        .bind::<Array<SqlUuid>, _>(&claim_ids)
         .execute(conn)
         .await
 }
 
 /// Releases every unacked claim this broker process holds (shutdown).
-pub async fn release_node_claims(conn: &mut Conn, node_id: Uuid) -> QueryResult<usize> {
+pub async fn release_node_claims(conn: &mut Conn, node_id: NodeId) -> QueryResult<usize> {
     static SQL: LazyLock<String> = LazyLock::new(|| release_where("claim_node_id"));
     diesel::sql_query(SQL.as_str())
-        .bind::<SqlUuid, _>(node_id)
+        .bind::<SqlUuid, _>(node_id.0)
         .execute(conn)
         .await
 }
