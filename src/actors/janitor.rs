@@ -33,7 +33,7 @@ use actix::prelude::*;
 use uuid::Uuid;
 
 use super::registry::{self, Registry};
-use super::Shared;
+use super::{PassError, Shared};
 use crate::db::lifecycle::{self, WalkCursor};
 use crate::ids::MemberId;
 use crate::metrics::{ActorKind, Metrics, RetentionTable};
@@ -107,9 +107,9 @@ impl Janitor {
         let walk = self.walk;
         let fut = async move {
             if fail {
-                return Err("injected janitor failure".to_owned());
+                return Err(PassError::Injected);
             }
-            run_pass(&shared, walk).await.map_err(|e| e.to_string())
+            run_pass(&shared, walk).await
         };
         ctx.spawn(fut.into_actor(self).map(|result, act, ctx| {
             act.running = false;
@@ -149,57 +149,44 @@ impl Janitor {
 }
 
 /// One pass; see the module documentation for its steps.
-async fn run_pass(shared: &Shared, walk: Option<WalkCursor>) -> Result<Pass, String> {
-    let e = |e: diesel::result::Error| e.to_string();
+async fn run_pass(shared: &Shared, walk: Option<WalkCursor>) -> Result<Pass, PassError> {
     let delivery = &shared.config.delivery;
     let retention = delivery.retention.get();
-    let mut conn = shared.pool.get().await.map_err(|e| e.to_string())?;
+    let mut conn = shared.pool.get().await?;
     let mut pass = Pass {
         wake: lifecycle::members_to_wake(&mut conn, shared.node_id.0, delivery.max_attempts as i32)
-            .await
-            .map_err(e)?,
+            .await?,
         ..Pass::default()
     };
 
     let mut freed: HashSet<Uuid> = HashSet::new();
     pass.behind |= batches!(pass.deliveries, {
-        let ids = lifecycle::delete_expired_deliveries(&mut conn, BATCH)
-            .await
-            .map_err(e)?;
+        let ids = lifecycle::delete_expired_deliveries(&mut conn, BATCH).await?;
         let n = ids.len();
         freed.extend(ids);
         n
     });
     pass.behind |= batches!(pass.deliveries, {
-        let ids = lifecycle::delete_delivered(&mut conn, retention, BATCH)
-            .await
-            .map_err(e)?;
+        let ids = lifecycle::delete_delivered(&mut conn, retention, BATCH).await?;
         let n = ids.len();
         freed.extend(ids);
         n
     });
     let freed: Vec<Uuid> = freed.into_iter().collect();
     for chunk in freed.chunks(BATCH as usize) {
-        pass.messages += lifecycle::delete_orphan_messages(&mut conn, chunk, Some(retention))
-            .await
-            .map_err(e)? as u64;
+        pass.messages +=
+            lifecycle::delete_orphan_messages(&mut conn, chunk, Some(retention)).await? as u64;
     }
     pass.behind |= batches!(
         pass.messages,
-        lifecycle::delete_expired_messages(&mut conn, BATCH)
-            .await
-            .map_err(e)?
+        lifecycle::delete_expired_messages(&mut conn, BATCH).await?
     );
-    let (walked, next) = lifecycle::walk_orphan_messages(&mut conn, walk, retention, BATCH)
-        .await
-        .map_err(e)?;
+    let (walked, next) = lifecycle::walk_orphan_messages(&mut conn, walk, retention, BATCH).await?;
     pass.messages += walked as u64;
     pass.walk = next;
     pass.behind |= batches!(
         pass.presence,
-        lifecycle::delete_closed_presence(&mut conn, delivery.message_ttl.get(), BATCH)
-            .await
-            .map_err(e)?
+        lifecycle::delete_closed_presence(&mut conn, delivery.message_ttl.get(), BATCH).await?
     );
     Ok(pass)
 }

@@ -39,6 +39,31 @@ pub struct Shared {
     pub send_limits: RateLimiter<uuid::Uuid>,
 }
 
+/// Why a pass of a supervised timer actor (sweeper, janitor) failed: the
+/// pass stops the actor and its supervisor restarts it.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    /// A fault drill (`SIGUSR1`) asked for this failure.
+    #[error("injected failure (fault drill)")]
+    Injected,
+    #[error(transparent)]
+    Db(#[from] crate::db::QueryError),
+    #[error("the registry did not answer: {0}")]
+    Registry(#[from] actix::MailboxError),
+}
+
+impl From<diesel::result::Error> for PassError {
+    fn from(e: diesel::result::Error) -> Self {
+        PassError::Db(e.into())
+    }
+}
+
+impl From<crate::db::PoolError> for PassError {
+    fn from(e: crate::db::PoolError) -> Self {
+        PassError::Db(e.into())
+    }
+}
+
 /// Token buckets keyed by `K`: `burst` tokens, refilled at `per_sec`.
 pub struct RateLimiter<K> {
     burst: f64,

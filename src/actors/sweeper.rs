@@ -13,7 +13,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use super::registry::{self, Registry};
-use super::Shared;
+use super::{PassError, Shared};
 use crate::db::queries;
 use crate::ids::MemberId;
 use crate::metrics::{ActorKind, Metrics};
@@ -50,38 +50,25 @@ impl Sweeper {
         let fail = self.fail_next.swap(false, Ordering::SeqCst);
         let fut = async move {
             if fail {
-                return Err("injected sweeper failure".to_owned());
+                return Err(PassError::Injected);
             }
             // Asked first: no pooled connection is held across it.
-            let live = registry
-                .send(registry::LiveMembers)
-                .await
-                .map_err(|e| e.to_string())?;
+            let live = registry.send(registry::LiveMembers).await?;
             let cfg = &shared.config;
-            let mut conn = shared.pool.get().await.map_err(|e| e.to_string())?;
-            let e = |e: diesel::result::Error| e.to_string();
+            let mut conn = shared.pool.get().await?;
             let max_attempts = cfg.delivery.max_attempts as i32;
-            let dead = queries::dead_letter(&mut conn, max_attempts, BATCH)
-                .await
-                .map_err(e)?;
-            let expired = queries::expire_leases(&mut conn, BATCH).await.map_err(e)?;
-            let grace = queries::end_grace(&mut conn).await.map_err(e)?;
+            let dead = queries::dead_letter(&mut conn, max_attempts, BATCH).await?;
+            let expired = queries::expire_leases(&mut conn, BATCH).await?;
+            let grace = queries::end_grace(&mut conn).await?;
             let presence = &cfg.presence;
             let silent_for =
                 (presence.pong_timeout.get() * 2).max(presence.ping_interval.get() * 3);
-            queries::reap_stale_presence(&mut conn, silent_for)
-                .await
-                .map_err(e)?;
-            queries::forget_hellos(&mut conn, cfg.limits.hello_skew.get() * 2)
-                .await
-                .map_err(e)?;
+            queries::reap_stale_presence(&mut conn, silent_for).await?;
+            queries::forget_hellos(&mut conn, cfg.limits.hello_skew.get() * 2).await?;
             queries::close_dedupe_windows(&mut conn, cfg.delivery.dedupe_window.get(), BATCH)
-                .await
-                .map_err(e)?;
+                .await?;
             let live: Vec<uuid::Uuid> = live.iter().map(|m| m.0).collect();
-            let revoked = queries::revoked_among(&mut conn, &live, BATCH)
-                .await
-                .map_err(e)?;
+            let revoked = queries::revoked_among(&mut conn, &live, BATCH).await?;
             Ok((dead, expired, grace, revoked))
         };
         ctx.spawn(fut.into_actor(self).map(|result, act, ctx| {

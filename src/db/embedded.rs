@@ -82,6 +82,22 @@ pub enum EmbeddedError {
     Start { detail: String, log: PathBuf },
     #[error("embedded PostgreSQL: cannot create database {DATABASE}: {0}")]
     CreateDatabase(String),
+    #[error("embedded PostgreSQL: the start-up task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Why the configured database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Embedded(#[from] EmbeddedError),
+    /// Connecting or migrating failed; the URL is shown redacted.
+    #[error("database {url}: {source}")]
+    Database {
+        url: String,
+        #[source]
+        source: db::DbError,
+    },
 }
 
 /// The server programs we drive, all from one installation.
@@ -507,7 +523,7 @@ impl Drop for EmbeddedPostgres {
 
 /// Resolves the database URL: `database.url` if set, else the embedded
 /// cluster under `storage.data_dir` (started or adopted).
-pub async fn resolve(config: &Config) -> anyhow::Result<(String, Option<EmbeddedPostgres>)> {
+pub async fn resolve(config: &Config) -> Result<(String, Option<EmbeddedPostgres>), EmbeddedError> {
     if let Some(url) = &config.database.url {
         return Ok((url.clone(), None));
     }
@@ -522,17 +538,19 @@ pub async fn resolve(config: &Config) -> anyhow::Result<(String, Option<Embedded
 /// Opens the configured database (embedded when `database.url` is unset),
 /// runs pending migrations and builds the pool. Keep the returned cluster
 /// alive as long as the pool: dropping it stops a cluster this process owns.
-pub async fn open(config: &Config) -> Result<(Pool, Option<EmbeddedPostgres>), anyhow::Error> {
+pub async fn open(config: &Config) -> Result<(Pool, Option<EmbeddedPostgres>), OpenError> {
     let (url, embedded) = resolve(config).await?;
-    let ran = db::migrate(&url)
-        .await
-        .map_err(|e| anyhow::anyhow!("database {}: {e}", redact_url(&url)))?;
+    let failed = |source| OpenError::Database {
+        url: redact_url(&url),
+        source,
+    };
+    let ran = db::migrate(&url).await.map_err(failed)?;
     if ran > 0 {
         tracing::info!(count = ran, "applied database migrations");
     }
     let pool = db::connect(&url, config.database.pool_size)
         .await
-        .map_err(|e| anyhow::anyhow!("database {}: {e}", redact_url(&url)))?;
+        .map_err(failed)?;
     Ok((pool, embedded))
 }
 

@@ -124,12 +124,15 @@ impl Io {
         ctx.wait(actix::fut::wrap_future::<_, WsSession>(fut).map(
             move |result, _, ctx| match result {
                 Ok(()) => then(ctx),
-                Err(e) => error(
-                    ctx,
-                    ErrorCode::Unavailable,
-                    format!("database unavailable: {e}"),
-                    None,
-                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "presence write failed");
+                    error(
+                        ctx,
+                        ErrorCode::Unavailable,
+                        "database unavailable, retry",
+                        None,
+                    )
+                }
             },
         ));
     }
@@ -153,12 +156,15 @@ impl Io {
         // connection's list_peers flood cannot queue more than one query.
         ctx.wait(actix::fut::wrap_future::<_, WsSession>(fut).map(
             move |result, _, ctx| match result {
-                Err(e) => error(
-                    ctx,
-                    ErrorCode::Unavailable,
-                    format!("database unavailable: {e}"),
-                    req_id,
-                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "list_peers failed");
+                    error(
+                        ctx,
+                        ErrorCode::Unavailable,
+                        "database unavailable, retry",
+                        req_id,
+                    )
+                }
                 Ok(rows) => {
                     let peers = rows
                         .into_iter()

@@ -4,7 +4,7 @@
 
 use chrono::Utc;
 use diesel::prelude::*;
-use diesel::sql_types::{Double, Int4, Int8, Nullable, Text, Uuid as SqlUuid};
+use diesel::sql_types::{Double, Int4, Int8, Text, Uuid as SqlUuid};
 use diesel_async::RunQueryDsl;
 use uuid::Uuid;
 
@@ -20,8 +20,6 @@ pub struct Swept {
     pub id: i64,
     #[diesel(sql_type = SqlUuid)]
     pub recipient_member_id: Uuid,
-    #[diesel(sql_type = Nullable<SqlUuid>)]
-    pub claim_presence_id: Option<Uuid>,
 }
 
 /// Dead-letters deliveries that used up their attempts and are not under a
@@ -39,7 +37,7 @@ pub async fn dead_letter(
                  WHERE delivered_at IS NULL AND dead_at IS NULL AND attempts >= $1
                    AND (claim_expires_at IS NULL OR claim_expires_at <= now())
                  LIMIT $2 FOR UPDATE SKIP LOCKED)
-         RETURNING q.id, q.recipient_member_id, NULL::uuid AS claim_presence_id"
+         RETURNING q.id, q.recipient_member_id"
     ))
     .bind::<Int4, _>(max_attempts)
     .bind::<Int8, _>(batch)
@@ -48,18 +46,18 @@ pub async fn dead_letter(
 }
 
 /// Clears leases that ran out without an ack, so the deliveries are
-/// eligible again. Bounded by `batch`; returns who held them.
+/// eligible again. Bounded by `batch`; returns whose they were.
 pub async fn expire_leases(conn: &mut Conn, batch: i64) -> QueryResult<Vec<Swept>> {
     diesel::sql_query(format!(
         "WITH expired AS (
-            SELECT id, claim_presence_id FROM mesh.message_queue
+            SELECT id FROM mesh.message_queue
              WHERE claim_expires_at <= now() AND delivered_at IS NULL AND dead_at IS NULL
              LIMIT $1 FOR UPDATE SKIP LOCKED)
          UPDATE mesh.message_queue q
             SET {CLAIM_RESET}
            FROM expired
           WHERE q.id = expired.id
-         RETURNING q.id, q.recipient_member_id, expired.claim_presence_id"
+         RETURNING q.id, q.recipient_member_id"
     ))
     .bind::<Int8, _>(batch)
     .load(conn)
