@@ -208,20 +208,12 @@ mod tests {
     /// Every action against a real (embedded, throwaway) database.
     #[test]
     fn actions_against_a_real_database() {
-        use crate::db::embedded::{EmbeddedOptions, EmbeddedPostgres};
         use diesel_async::AsyncConnection;
-        use std::os::unix::fs::PermissionsExt;
 
-        let root = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let pg = match EmbeddedPostgres::start(
-            &root.path().join("data"),
-            &EmbeddedOptions { fsync: false },
-        ) {
-            Ok(pg) => pg,
-            Err(crate::db::embedded::EmbeddedError::NoInstallation) => return,
-            Err(e) => panic!("{e}"),
+        let Some(cluster) = crate::db::embedded::Throwaway::start() else {
+            return;
         };
+        let pg = &cluster.pg;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

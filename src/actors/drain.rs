@@ -258,46 +258,44 @@ impl Drain {
     /// Gives back claims that were never written to a connection: their
     /// attempt is not counted (an attempt is a push the socket accepted).
     fn give_back_unpushed(&mut self, ctx: &mut Context<Self>, claims: Vec<ClaimId>) {
-        let pool = self.shared.pool.clone();
-        self.spawn_db(
-            ctx,
-            async move {
-                match pool.get().await {
-                    Ok(mut conn) => {
-                        if let Err(e) = queries::release_unpushed(&mut conn, &claims).await {
-                            tracing::warn!(error = %e, "could not give back unpushed claims; they expire instead");
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "database unavailable; unpushed claims expire instead"),
-                }
-            }
-            .into_actor(self)
-            .map(|_, act, ctx| act.drain(ctx)),
-        );
+        self.spawn_release(ctx, "unpushed claims", async move |conn| {
+            queries::release_unpushed(conn, &claims).await
+        });
     }
 
     /// Releases a closed connection's claims; then drains again, or stops
     /// if it was the member's last connection.
+    fn release(&mut self, ctx: &mut Context<Self>, presence_id: PresenceId, leaving: Leaving) {
+        if leaving == Leaving::Last {
+            self.retiring = true;
+        }
+        self.spawn_release(ctx, "a closed connection's claims", async move |conn| {
+            queries::release_presence_claims(conn, presence_id).await
+        });
+    }
+
+    /// Runs one release of claims, then drains again. A release that fails
+    /// costs nothing but time: the leases expire instead.
     ///
     /// Spawned, not `ctx.wait`ed: a wait pauses this actor's other futures,
     /// and a claim or ack future paused while holding a pooled connection,
     /// with this one waiting for another, starves the whole pool until its
     /// timeout (every hello and send meanwhile refused `unavailable`).
-    fn release(&mut self, ctx: &mut Context<Self>, presence_id: PresenceId, leaving: Leaving) {
-        if leaving == Leaving::Last {
-            self.retiring = true;
-        }
+    fn spawn_release<F>(&mut self, ctx: &mut Context<Self>, what: &'static str, release: F)
+    where
+        F: AsyncFnOnce(&mut crate::db::PgConn) -> diesel::QueryResult<usize> + 'static,
+    {
         let pool = self.shared.pool.clone();
+        let member = self.member_id;
         self.spawn_db(
             ctx,
             async move {
-                match pool.get().await {
-                    Ok(mut conn) => {
-                        if let Err(e) = queries::release_presence_claims(&mut conn, presence_id).await {
-                            tracing::warn!(presence = %presence_id, error = %e, "could not release claims; they expire instead");
-                        }
-                    }
-                    Err(e) => tracing::warn!(presence = %presence_id, error = %e, "database unavailable; claims expire instead"),
+                let result = match pool.get().await {
+                    Ok(mut conn) => release(&mut conn).await.map_err(QueryError::from),
+                    Err(e) => Err(e.into()),
+                };
+                if let Err(e) = result {
+                    tracing::warn!(%member, error = %e, "could not release {what}; their leases expire instead");
                 }
             }
             .into_actor(self)

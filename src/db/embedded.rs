@@ -515,6 +515,35 @@ impl EmbeddedPostgres {
     }
 }
 
+/// A cluster of a unit test's own, in a temp dir, with fsync off.
+#[cfg(test)]
+pub(crate) struct Throwaway {
+    /// Declared first: stopped before its directory is removed.
+    pub pg: EmbeddedPostgres,
+    /// Where its data directory lives (`data` inside it).
+    pub root: tempfile::TempDir,
+}
+
+#[cfg(test)]
+impl Throwaway {
+    /// Starts one; `None` (said on stderr) where no PostgreSQL is installed.
+    pub(crate) fn start() -> Option<Throwaway> {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        // The cluster runs as `postgres` when we are root.
+        fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        match EmbeddedPostgres::start(&root.path().join("data"), &EmbeddedOptions { fsync: false })
+        {
+            Ok(pg) => Some(Throwaway { pg, root }),
+            Err(EmbeddedError::NoInstallation) => {
+                eprintln!("skipped: {NO_INSTALLATION}");
+                None
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 impl Drop for EmbeddedPostgres {
     fn drop(&mut self) {
         self.stop();

@@ -245,8 +245,7 @@ async fn check(url: &str, conn: &mut Option<AsyncPgConnection>) -> Result<(), St
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::embedded::{EmbeddedError, EmbeddedOptions, EmbeddedPostgres};
-    use std::os::unix::fs::PermissionsExt;
+    use crate::db::embedded::{EmbeddedOptions, EmbeddedPostgres, Throwaway};
     use std::time::Instant;
 
     /// Really stops the database under a pool: checkouts are refused at
@@ -254,17 +253,11 @@ mod tests {
     /// probe sees it back.
     #[test]
     fn checkouts_fail_at_once_while_the_database_is_down() {
-        let root = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let dir = root.path().join("data");
-        let fast = EmbeddedOptions { fsync: false };
-        let mut pg = match EmbeddedPostgres::start(&dir, &fast) {
-            Err(EmbeddedError::NoInstallation) => {
-                eprintln!("skipped: {}", EmbeddedError::NoInstallation);
-                return;
-            }
-            started => started.unwrap(),
+        let Some(mut cluster) = Throwaway::start() else {
+            return;
         };
+        let dir = cluster.root.path().join("data");
+        let pg = &mut cluster.pg;
         let url = pg.url_for("postgres");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -288,6 +281,7 @@ mod tests {
             }
             assert!(pool.is_down());
 
+            let fast = EmbeddedOptions { fsync: false };
             let pg = EmbeddedPostgres::start(&dir, &fast).unwrap();
             let back = Instant::now();
             while pool.get().await.is_err() {

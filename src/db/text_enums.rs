@@ -64,19 +64,10 @@ mod tests {
     /// and the SQL connection key is the Rust one.
     #[test]
     fn sql_forms_agree_with_rust() {
-        use crate::db::embedded::{EmbeddedError, EmbeddedOptions, EmbeddedPostgres};
-        use std::os::unix::fs::PermissionsExt;
-
-        let root = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let pg = match EmbeddedPostgres::start(
-            &root.path().join("data"),
-            &EmbeddedOptions { fsync: false },
-        ) {
-            Ok(pg) => pg,
-            Err(EmbeddedError::NoInstallation) => return,
-            Err(e) => panic!("{e}"),
+        let Some(cluster) = crate::db::embedded::Throwaway::start() else {
+            return;
         };
+        let pg = &cluster.pg;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

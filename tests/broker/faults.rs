@@ -284,6 +284,70 @@ fn acking_receiver(
     })
 }
 
+/// A steady sender and an acking receiver running side by side.
+struct SteadyTraffic {
+    ledger: Rc<RefCell<Ledger>>,
+    stop: Rc<Cell<bool>>,
+    stop_receiver: Rc<Cell<bool>>,
+    sender: actix_web::rt::task::JoinHandle<Result<Connection, String>>,
+    receiver: actix_web::rt::task::JoinHandle<Result<Connection, String>>,
+}
+
+impl SteadyTraffic {
+    fn start(
+        from: Connection,
+        to: Connection,
+        to_pubkey: String,
+        ledger: &Rc<RefCell<Ledger>>,
+        log: &Rc<RefCell<Vec<Sent>>>,
+    ) -> SteadyTraffic {
+        let (stop, stop_receiver) = (Rc::new(Cell::new(false)), Rc::new(Cell::new(false)));
+        SteadyTraffic {
+            sender: steady_sender(from, to_pubkey, ledger.clone(), log.clone(), stop.clone()),
+            receiver: acking_receiver(to, ledger.clone(), stop_receiver.clone()),
+            ledger: ledger.clone(),
+            stop,
+            stop_receiver,
+        }
+    }
+
+    /// Neither client has stopped (they stop only on a failure or when told).
+    fn running(&self) -> bool {
+        !self.sender.is_finished() && !self.receiver.is_finished()
+    }
+
+    /// Lets traffic run 2 s more, stops the sender, waits (up to
+    /// [`RECOVER`] after `since`) until the receiver acked everything
+    /// accepted, checks the database agrees, and stops the receiver; both
+    /// sockets must still be open. Returns the time from `since` to all
+    /// acked.
+    async fn wind_down(self, since: Instant, pool: &db::Pool, test: &str) -> Duration {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        self.stop.set(true);
+        let ac = self
+            .sender
+            .await
+            .expect("sender task")
+            .unwrap_or_else(|e| panic!("{e}"));
+        while self.ledger.borrow().outstanding() > 0 && since.elapsed() < RECOVER {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let all_acked = since.elapsed();
+        assert_all_delivered_in_db(pool, test).await;
+        self.stop_receiver.set(true);
+        let bc = self
+            .receiver
+            .await
+            .expect("receiver task")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            !ac.is_closed() && !bc.is_closed(),
+            "the sockets stayed open"
+        );
+        all_acked
+    }
+}
+
 async fn ready_status(http_url: &str) -> Option<u16> {
     awc::Client::new()
         .get(format!("{http_url}/health/ready"))
@@ -455,10 +519,7 @@ async fn postgres_outage_refuses_sends_and_recovers_without_restart() {
 
     let ledger = Rc::new(RefCell::new(Ledger::default()));
     let log: Rc<RefCell<Vec<Sent>>> = Rc::default();
-    let stop = Rc::new(Cell::new(false));
-    let stop_receiver = Rc::new(Cell::new(false));
-    let sender = steady_sender(ac, b.pubkey(), ledger.clone(), log.clone(), stop.clone());
-    let receiver = acking_receiver(bc, ledger.clone(), stop_receiver.clone());
+    let traffic = SteadyTraffic::start(ac, bc, b.pubkey(), &ledger, &log);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = ledger.borrow().report().accepted;
     assert!(before > 0, "traffic flows before the outage");
@@ -507,10 +568,7 @@ async fn postgres_outage_refuses_sends_and_recovers_without_restart() {
             started.elapsed() < RECOVER,
             "no send was accepted after PostgreSQL came back"
         );
-        assert!(
-            !sender.is_finished() && !receiver.is_finished(),
-            "a client stopped early"
-        );
+        assert!(traffic.running(), "a client stopped early");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(
@@ -518,27 +576,7 @@ async fn postgres_outage_refuses_sends_and_recovers_without_restart() {
         Some(200),
         "/health/ready after the outage"
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.set(true);
-    let ac = sender
-        .await
-        .expect("sender task")
-        .unwrap_or_else(|e| panic!("{e}"));
-    // The receiver keeps acking until everything accepted was acked.
-    while ledger.borrow().outstanding() > 0 && started.elapsed() < RECOVER {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let all_acked = started.elapsed();
-    assert_all_delivered_in_db(&mesh.pool, TEST).await;
-    stop_receiver.set(true);
-    let bc = receiver
-        .await
-        .expect("receiver task")
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        !ac.is_closed() && !bc.is_closed(),
-        "the sockets stayed open"
-    );
+    let all_acked = traffic.wind_down(started, &mesh.pool, TEST).await;
 
     // Messages refused `unavailable` yet stored: the commit's answer was
     // lost (at least once, not at most once); they are delivered too.
@@ -667,9 +705,7 @@ async fn killed_embedded_postgres_is_restarted_by_the_broker() {
 
     let ledger = Rc::new(RefCell::new(Ledger::default()));
     let log: Rc<RefCell<Vec<Sent>>> = Rc::default();
-    let (stop, stop_receiver) = (Rc::new(Cell::new(false)), Rc::new(Cell::new(false)));
-    let sender = steady_sender(ac, b.pubkey(), ledger.clone(), log.clone(), stop.clone());
-    let receiver = acking_receiver(bc, ledger.clone(), stop_receiver.clone());
+    let traffic = SteadyTraffic::start(ac, bc, b.pubkey(), &ledger, &log);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         ledger.borrow().report().accepted > 0,
@@ -701,10 +737,7 @@ async fn killed_embedded_postgres_is_restarted_by_the_broker() {
             "no send was accepted within {RECOVER:?} of the kill; broker log:\n{}",
             p.log()
         );
-        assert!(
-            !sender.is_finished() && !receiver.is_finished(),
-            "a client stopped early"
-        );
+        assert!(traffic.running(), "a client stopped early");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let refused_after_kill = log
@@ -712,26 +745,7 @@ async fn killed_embedded_postgres_is_restarted_by_the_broker() {
         .iter()
         .filter(|s| s.began >= killed && !s.queued)
         .count();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.set(true);
-    let ac = sender
-        .await
-        .expect("sender task")
-        .unwrap_or_else(|e| panic!("{e}"));
-    while ledger.borrow().outstanding() > 0 && killed.elapsed() < RECOVER {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let all_acked = killed.elapsed();
-    assert_all_delivered_in_db(&mesh.pool, TEST).await;
-    stop_receiver.set(true);
-    let bc = receiver
-        .await
-        .expect("receiver task")
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        !ac.is_closed() && !bc.is_closed(),
-        "the sockets stayed open"
-    );
+    let all_acked = traffic.wind_down(killed, &mesh.pool, TEST).await;
     for s in log.borrow().iter().filter(|s| !s.queued) {
         let error = s.error.as_deref().unwrap_or_default();
         assert!(error.starts_with("unavailable: "), "refusal: {error}");
@@ -774,7 +788,7 @@ async fn killed_embedded_postgres_is_restarted_by_the_broker() {
     assert!(r.accepted > 0);
 
     // Stopped on purpose (SIGTERM), the cluster stays stopped.
-    drop((ac, bc, mesh, pg));
+    drop((mesh, pg));
     p.sigterm();
     assert!(p.wait_exit(Duration::from_secs(60)).await.success());
     let gone = Instant::now() + Duration::from_secs(10);
