@@ -214,11 +214,7 @@ mod tests {
             return;
         };
         let pg = &cluster.pg;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        cluster.block_on(async {
             crate::db::migrate(&pg.url()).await.unwrap();
             let conn = &mut AsyncPgConnection::establish(&pg.url()).await.unwrap();
 

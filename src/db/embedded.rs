@@ -542,6 +542,15 @@ impl Throwaway {
             Err(e) => panic!("{e}"),
         }
     }
+
+    /// Runs `fut` to completion on a runtime of its own.
+    pub(crate) fn block_on<T>(&self, fut: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(fut)
+    }
 }
 
 impl Drop for EmbeddedPostgres {

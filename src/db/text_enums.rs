@@ -68,11 +68,7 @@ mod tests {
             return;
         };
         let pg = &cluster.pg;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
+        cluster.block_on(async {
             let conn = &mut AsyncPgConnection::establish(&pg.url()).await.unwrap();
             let words = "SELECT $1 AS role, $2 AS status, $3 AS priority";
             for i in 0..3 {

@@ -316,6 +316,36 @@ impl SteadyTraffic {
         !self.sender.is_finished() && !self.receiver.is_finished()
     }
 
+    /// Waits for the first `queued:true` for a send made after
+    /// `made_after`; returns when it was answered, counted from `since`.
+    /// Fails after [`RECOVER`], with `context()` appended.
+    async fn first_queued(
+        &self,
+        log: &Rc<RefCell<Vec<Sent>>>,
+        made_after: Instant,
+        since: Instant,
+        what: &str,
+        context: impl Fn() -> String,
+    ) -> Duration {
+        loop {
+            let found = log
+                .borrow()
+                .iter()
+                .find(|s| s.began >= made_after && s.queued)
+                .map(|s| s.answered);
+            if let Some(t) = found {
+                return t.saturating_duration_since(since);
+            }
+            assert!(
+                since.elapsed() < RECOVER,
+                "no send was accepted within {RECOVER:?} {what}{}",
+                context()
+            );
+            assert!(self.running(), "a client stopped early");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Lets traffic run 2 s more, stops the sender, waits (up to
     /// [`RECOVER`] after `since`) until the receiver acked everything
     /// accepted, checks the database agrees, and stops the receiver; both
@@ -555,22 +585,15 @@ async fn postgres_outage_refuses_sends_and_recovers_without_restart() {
 
     // Traffic resumes by itself: the first `queued:true` for a send made
     // after the restart.
-    let first_queued = loop {
-        let found = log
-            .borrow()
-            .iter()
-            .find(|s| s.began >= outage_end && s.queued)
-            .map(|s| s.answered);
-        if let Some(t) = found {
-            break t.saturating_duration_since(started);
-        }
-        assert!(
-            started.elapsed() < RECOVER,
-            "no send was accepted after PostgreSQL came back"
-        );
-        assert!(traffic.running(), "a client stopped early");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let first_queued = traffic
+        .first_queued(
+            &log,
+            outage_end,
+            started,
+            "after PostgreSQL came back",
+            String::new,
+        )
+        .await;
     assert_eq!(
         ready_status(&p.http_url).await,
         Some(200),
@@ -723,23 +746,11 @@ async fn killed_embedded_postgres_is_restarted_by_the_broker() {
 
     // Traffic resumes by itself: the first `queued:true` for a send made
     // after the kill.
-    let first_queued = loop {
-        let found = log
-            .borrow()
-            .iter()
-            .find(|s| s.began >= killed && s.queued)
-            .map(|s| s.answered);
-        if let Some(t) = found {
-            break t - killed;
-        }
-        assert!(
-            killed.elapsed() < RECOVER,
-            "no send was accepted within {RECOVER:?} of the kill; broker log:\n{}",
-            p.log()
-        );
-        assert!(traffic.running(), "a client stopped early");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let first_queued = traffic
+        .first_queued(&log, killed, killed, "after the kill", || {
+            format!("; broker log:\n{}", p.log())
+        })
+        .await;
     let refused_after_kill = log
         .borrow()
         .iter()
