@@ -14,10 +14,12 @@
 //! - [`metrics`]: Prometheus counters and the `/metrics` text.
 //! - [`crypto`]: ed25519 keys and the signed handshake strings.
 //! - [`client`]: a small real client, used by `meshbroker client` and the tests.
+//! - [`bench`]: `meshbroker bench`, a load generator over [`client`] with its own broker.
 //! - [`cli`]: the command line.
 
 pub mod actors;
 pub mod admin;
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod client;
