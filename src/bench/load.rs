@@ -27,6 +27,8 @@ use crate::client::{self, Connection, Credentials, Event, HelloOptions};
 
 /// How long a task waits for a frame before it looks at the clock again.
 const POLL: Duration = Duration::from_millis(100);
+/// Longest a fed frame waits for a write while frames keep arriving.
+const FLUSH_AFTER: Duration = Duration::from_millis(1);
 /// Error texts kept for the report; the rest are only counted.
 const MAX_ERRORS: usize = 10;
 
@@ -67,6 +69,8 @@ pub struct IdleRun {
     pub hellos_per_s: f64,
     /// Connect + hello → hello_ack, per connection.
     pub hello: Latency,
+    /// Frames the idle sessions received (presence pushes of later hellos).
+    pub frames_received: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker_rss_before_kib: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -344,6 +348,8 @@ async fn run_peer(mut conn: Connection, plan: Plan, sh: Rc<Shared>) {
     let mut sent_at: Vec<u64> = Vec::with_capacity(plan.messages);
     let mut answered = 0usize;
     let mut seen: HashSet<u64> = HashSet::new();
+    // When the oldest frame fed but not yet written out was queued.
+    let mut unflushed: Option<Instant> = None;
     loop {
         while sent_at.len() < plan.messages {
             let seq = sent_at.len();
@@ -378,10 +384,11 @@ async fn run_peer(mut conn: Connection, plan: Plan, sh: Rc<Shared>) {
                 None => "*",
             };
             send_frame(&mut frame, seq, target, plan.me, t, &padding);
-            if let Err(e) = conn.send_text(&frame).await {
+            if let Err(e) = conn.feed_text(&frame).await {
                 sh.error(format!("peer {}: {e:#}", plan.me));
                 return;
             }
+            unflushed.get_or_insert(now);
             sent_at.push(t);
             sh.sent.set(sh.sent.get() + 1);
             sh.progressed(now, false);
@@ -396,7 +403,22 @@ async fn run_peer(mut conn: Connection, plan: Plan, sh: Rc<Shared>) {
             }
             _ => POLL,
         };
-        match conn.recv(timeout).await {
+        // What is already readable is handled before the queued frames go
+        // out, so a window of sends or a run of client_acks costs one write;
+        // a frame never waits longer than FLUSH_AFTER for it.
+        let mut next = conn.recv(Duration::ZERO).await;
+        let idle = matches!(next, Ok(Event::Timeout));
+        if unflushed.is_some_and(|t| idle || t.elapsed() >= FLUSH_AFTER) {
+            if let Err(e) = conn.flush().await {
+                sh.error(format!("peer {}: {e:#}", plan.me));
+                return;
+            }
+            unflushed = None;
+        }
+        if idle {
+            next = conn.recv(timeout).await;
+        }
+        match next {
             Ok(Event::Frame(f)) => {
                 let kind = f["type"].as_str().unwrap_or("");
                 if kind == "ack" {
@@ -409,10 +431,11 @@ async fn run_peer(mut conn: Connection, plan: Plan, sh: Rc<Shared>) {
                         frame.clear();
                         let _ =
                             write!(frame, r#"{{"type":"client_ack","brokerMessageId":"{id}"}}"#);
-                        if let Err(e) = conn.send_text(&frame).await {
+                        if let Err(e) = conn.feed_text(&frame).await {
                             sh.error(format!("peer {}: {e:#}", plan.me));
                             return;
                         }
+                        unflushed.get_or_insert_with(Instant::now);
                     }
                 } else if kind == "error" {
                     sh.error(format!("peer {}: {f}", plan.me));
@@ -531,6 +554,7 @@ pub async fn idle(
     let latencies: Rc<RefCell<Vec<u32>>> = Rc::new(RefCell::new(Vec::with_capacity(k)));
     let failures: Rc<RefCell<BTreeMap<String, u64>>> = Rc::default();
     let last_ack = Rc::new(Cell::new(None::<Instant>));
+    let frames = Rc::new(Cell::new(0u64));
     let start = Instant::now();
     let tasks: Vec<_> = (0..k)
         .map(|i| {
@@ -538,6 +562,7 @@ pub async fn idle(
             // are sessions of the members, which replace nothing.
             let creds = members[i % members.len()].clone();
             let as_session = i >= members.len();
+            let frames = frames.clone();
             let (gate, done, attempted, latencies, failures, last_ack, ws) = (
                 gate.clone(),
                 done.clone(),
@@ -574,7 +599,8 @@ pub async fn idle(
                 while !done.get() {
                     match conn.recv(Duration::from_secs(1)).await {
                         Ok(Event::Closed { .. }) | Err(_) => return,
-                        _ => {}
+                        Ok(Event::Frame(_)) => frames.set(frames.get() + 1),
+                        Ok(Event::Timeout) => {}
                     }
                 }
                 let _ = conn.close().await;
@@ -625,6 +651,7 @@ pub async fn idle(
             0.0
         },
         hello,
+        frames_received: frames.get(),
         broker_rss_before_kib: rss_before,
         broker_rss_after_kib: rss_after,
         broker_kib_per_connection: per_conn,

@@ -16,7 +16,7 @@
 //! - [`procstat`]: RSS and CPU of the broker and PostgreSQL from `/proc`.
 //! - [`progress`]: the line on stderr while it runs.
 //! - [`report`]: the figures, as text or one JSON object.
-//! - [`stats`]: percentiles.
+//! - [`stats`]: latency percentiles.
 
 mod load;
 mod local;

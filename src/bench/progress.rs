@@ -70,11 +70,7 @@ impl Progress {
 }
 
 fn line(label: &str, done: u64, total: u64, what: &str, rate: f64, unit: &str) -> String {
-    let pct = if total == 0 {
-        100
-    } else {
-        (done.min(total) * 100 / total) as u32
-    };
+    let pct = (done.min(total) * 100).checked_div(total).unwrap_or(100);
     format!("{label:<7}{pct:>3}% {done}/{total} {what} {rate:>7.0} {unit}")
 }
 

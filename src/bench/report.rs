@@ -203,7 +203,12 @@ impl Report {
                 self.connect_s, self.peers
             );
             let _ = writeln!(w, "  wall time     {:.2} s", self.wall_s);
-            let _ = writeln!(w, "  acked rate    {:.0} msg/s", self.acked_per_s);
+            let unit = if self.mode == Mode::Fanout {
+                "deliveries/s"
+            } else {
+                "msg/s"
+            };
+            let _ = writeln!(w, "  acked rate    {:.0} {unit}", self.acked_per_s);
             let _ = writeln!(w, "  send→ack      {}", self.send_to_ack.line());
             let _ = writeln!(w, "  send→push     {}", self.send_to_push.line());
             if let Some(lag) = &self.schedule_lag {
@@ -290,6 +295,11 @@ fn render_idle(w: &mut String, idle: &IdleRun) {
         idle.hello_wall_s, idle.hellos_per_s
     );
     let _ = writeln!(w, "  hello         {}", idle.hello.line());
+    let _ = writeln!(
+        w,
+        "  received      {} frames (presence pushes)",
+        idle.frames_received
+    );
     if let (Some(b), Some(a)) = (idle.broker_rss_before_kib, idle.broker_rss_after_kib) {
         let per = idle.broker_kib_per_connection.unwrap_or(0.0);
         let _ = writeln!(
