@@ -176,9 +176,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut target = match (&args.url, &args.provision) {
         (Some(url), Some(file)) => {
             let members = provision::load(file)?;
-            if members.len() < args.members_needed().min(2) {
+            // Idle mode makes the missing connections sessions of the members.
+            let least = if args.mode == Mode::Idle { 1 } else { 2 };
+            if members.len() < least {
                 bail!(
-                    "{} holds {} member(s); the run needs at least 2",
+                    "{} holds {} member(s); the run needs at least {least}",
                     file.display(),
                     members.len()
                 );
@@ -258,6 +260,14 @@ async fn workload(
         }
         _ => {
             let peers = &target.members[..args.peers.min(target.members.len())];
+            if peers.len() < args.peers {
+                progress.note(&format!(
+                    "the provision file holds {} members: running with {} peers",
+                    target.members.len(),
+                    peers.len()
+                ));
+            }
+            report.peers = peers.len();
             let ran = load::traffic(args, &target.ws_url, peers, &progress).await?;
             report.fill_traffic(ran);
         }

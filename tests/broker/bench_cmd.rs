@@ -114,6 +114,25 @@ async fn against_a_running_broker_with_a_provision_file() {
         r.get("broker").is_none(),
         "no figures for a broker not ours: {r}"
     );
+    // More connections than members: the rest are sessions of the members.
+    let idle = bench(&[
+        "--url",
+        &p.ws_url,
+        "--provision",
+        &path,
+        "--mode",
+        "idle",
+        "--connections",
+        "5",
+        "--duration",
+        "0.2",
+    ])
+    .await;
+    assert_eq!(n(&idle["idle"], "connected"), 5, "{idle}");
+    assert!(
+        idle["idle"].get("broker_rss_before_kib").is_none(),
+        "{idle}"
+    );
     // The broker takes the last acks after the bench hung up.
     env.wait_rows(
         "SELECT count(*) AS n FROM mesh.message_queue WHERE delivered_at IS NOT NULL",
