@@ -78,6 +78,7 @@ impl LocalBroker {
             .process_group(0)
             .spawn()
             .context("cannot start meshbroker serve")?;
+        stop_when_we_exit(child.id());
         let mut broker = LocalBroker {
             dir,
             child,
@@ -194,6 +195,33 @@ impl LocalBroker {
             let path = self.dir.keep();
             eprintln!("meshbroker bench: kept {}", path.display());
         }
+    }
+}
+
+/// A bench killed outright (SIGKILL, a CI timeout) cannot stop its broker,
+/// which would keep running with its cluster: a detached watcher sends it
+/// SIGTERM once this process is gone. It stands down when the broker exits
+/// first, and checks the pid still runs `serve` before signalling.
+fn stop_when_we_exit(broker: u32) {
+    let script = r#"
+        while [ -d "/proc/$1" ] && [ -d "/proc/$2" ]; do sleep 1; done
+        if [ ! -d "/proc/$1" ] && tr '\0' ' ' < "/proc/$2/cmdline" 2>/dev/null | grep -q ' serve'; then
+            kill -TERM "$2"
+        fi
+    "#;
+    let spawned = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("meshbroker-bench-watcher")
+        .arg(std::process::id().to_string())
+        .arg(broker.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn();
+    if let Err(e) = spawned {
+        eprintln!("meshbroker bench: warning: no watcher for the broker ({e}); kill -9 of the bench would leave it running");
     }
 }
 
