@@ -303,3 +303,50 @@ fn context_log(log: &str) -> String {
     let tail: Vec<&str> = log.lines().rev().take(20).collect();
     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: BenchArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<BenchArgs, clap::Error> {
+        Wrap::try_parse_from(std::iter::once("bench").chain(argv.iter().copied())).map(|w| w.args)
+    }
+
+    #[test]
+    fn defaults_are_the_issue_workload() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.mode, Mode::Burst);
+        assert_eq!(
+            (a.peers, a.messages, a.size, a.window),
+            (100, 1000, 256, 256)
+        );
+        assert_eq!(a.steady_secs(), 30.0);
+        assert_eq!(a.drain_timeout, Dur::secs(30));
+        a.check().unwrap();
+    }
+
+    #[test]
+    fn url_and_provision_go_together_and_nonsense_is_refused() {
+        assert!(parse(&["--url", "ws://h:1/ws"]).is_err());
+        assert!(parse(&["--provision", "m.jsonl"]).is_err());
+        assert!(parse(&["--url", "ws://h:1/ws", "--provision", "m.jsonl"]).is_ok());
+        assert!(parse(&["--mode", "fanout", "--senders", "101"])
+            .unwrap()
+            .check()
+            .is_err());
+        assert!(parse(&["--peers", "1"]).unwrap().check().is_err());
+        assert!(parse(&["--mode", "idle", "--peers", "1"])
+            .unwrap()
+            .check()
+            .is_ok());
+        assert!(parse(&["--window", "0"]).unwrap().check().is_err());
+        assert!(parse(&["--mode", "sideways"]).is_err());
+    }
+}
