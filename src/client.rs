@@ -303,6 +303,21 @@ impl Connection {
             .context("WebSocket send failed")
     }
 
+    /// Queues a text frame without writing it out: a load generator writes
+    /// a window of frames with one syscall, then calls [`Connection::flush`].
+    /// The next `send_*` or `flush` writes it.
+    pub async fn feed_text(&mut self, text: &str) -> anyhow::Result<()> {
+        self.io
+            .feed(Message::Text(text.to_owned().into()))
+            .await
+            .context("WebSocket send failed")
+    }
+
+    /// Writes out every frame queued by [`Connection::feed_text`].
+    pub async fn flush(&mut self) -> anyhow::Result<()> {
+        self.io.flush().await.context("WebSocket send failed")
+    }
+
     pub async fn send_binary(&mut self, bytes: Vec<u8>) -> anyhow::Result<()> {
         self.io
             .send(Message::Binary(bytes.into()))

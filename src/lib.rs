@@ -54,6 +54,8 @@
 //! - [`http`]: the listener's routes: `/ws`, `/health`, `/health/ready`,
 //!   `/metrics`, `/hook/set-status`.
 //! - [`broker`]: starts and stops one broker (the singleton actors, then HTTP).
+//! - [`bench`]: `meshbroker bench`, a load generator over [`client`] that
+//!   starts its own broker (or targets a running one).
 //! - [`cli`]: the command line; `cli::client_cmd` is `meshbroker client`.
 //!
 //! # Errors
@@ -74,6 +76,7 @@
 
 pub mod actors;
 pub mod admin;
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod client;

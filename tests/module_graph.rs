@@ -68,6 +68,9 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     ("http", &["http"]),
     ("broker", &["broker"]),
+    // `meshbroker bench`: a load generator over the client that starts its
+    // own broker (as a process, through the CLI) and provisions members.
+    ("bench", &["bench"]),
     ("cli", &["cli"]),
     // lib.rs declares every module and main.rs calls the CLI.
     ("crate root", &["crate"]),

@@ -1,5 +1,5 @@
 //! The `meshbroker` command line: `serve`, `migrate`, the admin commands,
-//! `print-config`, and `client listen|send` (in `client_cmd`).
+//! `print-config`, `client listen|send` (in `client_cmd`) and `bench`.
 //!
 //! Every failure ends as one line on stderr, `meshbroker: error: …`, and a
 //! non-zero exit code.
@@ -62,6 +62,9 @@ enum Command {
     /// Talk to a running broker as a member.
     #[command(subcommand)]
     Client(ClientCommand),
+    /// Load a broker (by default one of its own, with a private PostgreSQL)
+    /// and report throughput, latency, loss and resource use.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -199,10 +202,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(path) => (path.clone(), true),
         None => (PathBuf::from(DEFAULT_CONFIG), false),
     };
-    let config = Config::load(&path, explicit)?;
+    let mut config = Config::load(&path, explicit)?;
     if let Command::PrintConfig = cli.command {
         print!("{}", config.to_redacted_toml());
         return Ok(());
+    }
+    if let Command::Bench(_) = cli.command {
+        // Its report and progress line own the terminal; only trouble is logged.
+        config.log.level = "warn".into();
     }
     init_logging(&config);
     actix_web::rt::System::new().block_on(async move {
@@ -213,6 +220,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Member(cmd) => member_command(&config, cmd).await,
             Command::DeadLetters(cmd) => dead_letter_command(&config, cmd).await,
             Command::Client(cmd) => client_cmd::client_command(&config, cmd).await,
+            Command::Bench(args) => crate::bench::run(args).await,
             Command::PrintConfig => unreachable!("handled above"),
         }
     })

@@ -6,6 +6,7 @@ mod broker_process;
 mod support;
 
 mod admin_frames;
+mod bench_cmd;
 mod delivery;
 mod durability;
 mod faults;

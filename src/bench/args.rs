@@ -1,0 +1,177 @@
+//! The command line of `meshbroker bench`, and its checks.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::ValueEnum;
+
+use crate::config::Dur;
+
+/// What the peers do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Each peer sends `--messages` direct messages as fast as `--window` allows.
+    Burst,
+    /// `--rate` messages/s over all peers for `--duration` s, open loop.
+    Steady,
+    /// `--senders` peers each broadcast `--messages` times to `*`.
+    Fanout,
+    /// `--connections` sessions say hello and then do nothing.
+    Idle,
+}
+
+impl Mode {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Mode::Burst => "burst",
+            Mode::Steady => "steady",
+            Mode::Fanout => "fanout",
+            Mode::Idle => "idle",
+        }
+    }
+}
+
+/// The flags of `meshbroker bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    #[arg(long, value_enum, default_value_t = Mode::Burst)]
+    pub mode: Mode,
+    /// Peers: members, each with a signed hello and a connection of its own.
+    #[arg(long, default_value_t = 100)]
+    pub peers: usize,
+    /// burst: messages each peer sends; fanout: broadcasts each sender makes.
+    #[arg(long, default_value_t = 1000)]
+    pub messages: usize,
+    /// Bytes of ciphertext per message (at least its 20-odd bytes of stamp).
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+    /// burst, fanout: sends a peer keeps unanswered at once.
+    #[arg(long, default_value_t = 256)]
+    pub window: usize,
+    /// steady: messages per second, over all peers.
+    #[arg(long, default_value_t = 2000)]
+    pub rate: u64,
+    /// steady: seconds of sending [default 30]; idle: seconds to hold the
+    /// connections after the last hello [default 1].
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// fanout: peers that broadcast.
+    #[arg(long, default_value_t = 10)]
+    pub senders: usize,
+    /// idle: connected sessions.
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+    /// Hellos in progress at once while connecting.
+    #[arg(long, default_value_t = 100)]
+    pub hello_concurrency: usize,
+    /// Once nothing new arrives for this long, stop waiting for the rest
+    /// (what is still missing then is reported lost).
+    #[arg(long, value_name = "DURATION", default_value = "30s")]
+    pub drain_timeout: Dur,
+    /// A running broker's WebSocket URL (ws://host:port/ws) instead of a
+    /// broker of our own; needs --provision.
+    #[arg(long, requires = "provision")]
+    pub url: Option<String>,
+    /// Members to connect as with --url: what `meshbroker member add --json`
+    /// prints, one JSON object per line or one array.
+    #[arg(long, value_name = "FILE", requires = "url")]
+    pub provision: Option<PathBuf>,
+    /// Seed of the random choice of recipients.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Keep the temp dir of our own broker (config, log, PostgreSQL data).
+    #[arg(long)]
+    pub keep: bool,
+    /// No progress line on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Print one JSON object instead of the text report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BenchArgs {
+    pub(super) fn steady_secs(&self) -> f64 {
+        self.duration.unwrap_or(30.0)
+    }
+
+    pub(super) fn hold_secs(&self) -> f64 {
+        self.duration.unwrap_or(1.0)
+    }
+
+    /// Members the run needs: idle mode connects as one member per
+    /// connection.
+    pub(super) fn members_needed(&self) -> usize {
+        match self.mode {
+            Mode::Idle => self.connections,
+            _ => self.peers,
+        }
+    }
+
+    pub(super) fn check(&self) -> anyhow::Result<()> {
+        if self.mode != Mode::Idle && self.peers < 2 {
+            bail!("--peers must be at least 2 (a peer sends to the others)");
+        }
+        if self.mode == Mode::Fanout && !(1..=self.peers).contains(&self.senders) {
+            bail!("--senders must be 1 to --peers ({})", self.peers);
+        }
+        if self.window == 0 || self.hello_concurrency == 0 {
+            bail!("--window and --hello-concurrency must be at least 1");
+        }
+        if self.mode == Mode::Steady && (self.rate == 0 || self.steady_secs() <= 0.0) {
+            bail!("--rate and --duration must be positive");
+        }
+        if self.mode == Mode::Idle && self.connections == 0 {
+            bail!("--connections must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: BenchArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<BenchArgs, clap::Error> {
+        Wrap::try_parse_from(std::iter::once("bench").chain(argv.iter().copied())).map(|w| w.args)
+    }
+
+    #[test]
+    fn defaults_are_the_issue_workload() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.mode, Mode::Burst);
+        assert_eq!(
+            (a.peers, a.messages, a.size, a.window),
+            (100, 1000, 256, 256)
+        );
+        assert_eq!(a.steady_secs(), 30.0);
+        assert_eq!(a.drain_timeout, Dur::secs(30));
+        a.check().unwrap();
+    }
+
+    #[test]
+    fn url_and_provision_go_together_and_nonsense_is_refused() {
+        assert!(parse(&["--url", "ws://h:1/ws"]).is_err());
+        assert!(parse(&["--provision", "m.jsonl"]).is_err());
+        assert!(parse(&["--url", "ws://h:1/ws", "--provision", "m.jsonl"]).is_ok());
+        assert!(parse(&["--mode", "fanout", "--senders", "101"])
+            .unwrap()
+            .check()
+            .is_err());
+        assert!(parse(&["--peers", "1"]).unwrap().check().is_err());
+        assert!(parse(&["--mode", "idle", "--peers", "1"])
+            .unwrap()
+            .check()
+            .is_ok());
+        assert!(parse(&["--window", "0"]).unwrap().check().is_err());
+        assert!(parse(&["--mode", "sideways"]).is_err());
+    }
+}

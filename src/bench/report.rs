@@ -1,0 +1,324 @@
+//! The figures of one run: the text report, or one JSON object (`--json`)
+//! with the same names.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use super::args::{BenchArgs, Mode};
+use super::load::{IdleRun, TrafficRun};
+use super::local::Durability;
+use super::procstat::Usage;
+use super::stats::{ms, Latency};
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub mode: Mode,
+    /// `local` (a broker of our own) or the `--url`.
+    pub target: String,
+    pub peers: usize,
+    pub messages: usize,
+    pub size: usize,
+    pub window: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub senders: Option<usize>,
+    /// The local cluster's settings, as it reports them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub durability: Option<Durability>,
+    pub sent: u64,
+    /// Answered `queued:true`.
+    pub accepted: u64,
+    /// Refused sends by error code.
+    pub refused: BTreeMap<String, u64>,
+    /// Sent, and no `ack` came by the end.
+    pub unanswered: u64,
+    /// Deliveries the accepted sends promised (their acks' `recipients`).
+    pub expected_deliveries: u64,
+    /// Every push received, duplicates included.
+    pub pushed: u64,
+    /// Distinct deliveries pushed and acked with `client_ack`.
+    pub acked: u64,
+    /// Promised deliveries never pushed by the end.
+    pub lost: u64,
+    /// Pushes of a message its recipient already had.
+    pub duplicates: u64,
+    /// Every hello of the peers.
+    pub connect_s: f64,
+    /// First send to the last ack or delivery.
+    pub wall_s: f64,
+    pub acked_per_s: f64,
+    pub send_to_ack: Latency,
+    pub send_to_push: Latency,
+    /// steady: how far sends fell behind their schedule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schedule_lag: Option<Latency>,
+    /// Stopped waiting after --drain-timeout without progress.
+    pub drain_timed_out: bool,
+    pub error_count: u64,
+    pub errors: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle: Option<IdleRun>,
+    /// Our own broker only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker: Option<Usage>,
+    /// Our own broker's cluster only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<Usage>,
+    /// CPU the load generator itself used.
+    pub bench_cpu_s: f64,
+}
+
+impl Report {
+    pub fn new(args: &BenchArgs, ws_url: &str) -> Report {
+        Report {
+            mode: args.mode,
+            target: if args.url.is_some() {
+                ws_url.to_owned()
+            } else {
+                "local".into()
+            },
+            peers: if args.mode == Mode::Idle {
+                0
+            } else {
+                args.peers
+            },
+            messages: args.messages,
+            size: args.size,
+            window: args.window,
+            rate: (args.mode == Mode::Steady).then_some(args.rate),
+            duration_s: match args.mode {
+                Mode::Steady => Some(args.steady_secs()),
+                Mode::Idle => Some(args.hold_secs()),
+                _ => None,
+            },
+            senders: (args.mode == Mode::Fanout).then_some(args.senders),
+            durability: None,
+            sent: 0,
+            accepted: 0,
+            refused: BTreeMap::new(),
+            unanswered: 0,
+            expected_deliveries: 0,
+            pushed: 0,
+            acked: 0,
+            lost: 0,
+            duplicates: 0,
+            connect_s: 0.0,
+            wall_s: 0.0,
+            acked_per_s: 0.0,
+            send_to_ack: Latency::default(),
+            send_to_push: Latency::default(),
+            schedule_lag: None,
+            drain_timed_out: false,
+            error_count: 0,
+            errors: Vec::new(),
+            idle: None,
+            broker: None,
+            postgres: None,
+            bench_cpu_s: 0.0,
+        }
+    }
+
+    pub fn fill_traffic(&mut self, r: TrafficRun) {
+        self.sent = r.sent;
+        self.accepted = r.accepted;
+        self.refused = r.refused;
+        self.unanswered = r.unanswered;
+        self.expected_deliveries = r.expected;
+        self.pushed = r.delivered + r.duplicates;
+        self.acked = r.delivered;
+        self.lost = r.lost;
+        self.duplicates = r.duplicates;
+        self.connect_s = r.connect.as_secs_f64();
+        self.wall_s = r.wall.as_secs_f64();
+        self.acked_per_s = if self.wall_s > 0.0 {
+            r.delivered as f64 / self.wall_s
+        } else {
+            0.0
+        };
+        self.send_to_ack = r.send_to_ack;
+        self.send_to_push = r.send_to_push;
+        self.schedule_lag = r.lag;
+        self.drain_timed_out = r.drain_timed_out;
+        self.error_count = r.error_count;
+        self.errors = r.errors;
+    }
+
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let w = &mut o;
+        let _ = writeln!(w, "meshbroker bench: {}", self.headline());
+        let target = match &self.durability {
+            Some(d) => format!(
+                "local broker, embedded PostgreSQL fsync={} synchronous_commit={}",
+                d.fsync, d.synchronous_commit
+            ),
+            None => self.target.clone(),
+        };
+        let _ = writeln!(w, "  target        {target}");
+        if let Some(idle) = &self.idle {
+            render_idle(w, idle);
+        } else {
+            let pct = |n: u64| {
+                if self.sent == 0 {
+                    0.0
+                } else {
+                    n as f64 * 100.0 / self.sent as f64
+                }
+            };
+            let _ = writeln!(w, "  sent          {}", self.sent);
+            let _ = writeln!(
+                w,
+                "  accepted      {} ({:.2} %)",
+                self.accepted,
+                pct(self.accepted)
+            );
+            let refused: u64 = self.refused.values().sum();
+            let by_code: Vec<String> = self
+                .refused
+                .iter()
+                .map(|(c, n)| format!("{c}: {n}"))
+                .collect();
+            let _ = writeln!(w, "  refused       {refused}{}", bracket(&by_code));
+            if self.unanswered > 0 {
+                let _ = writeln!(w, "  unanswered    {}", self.unanswered);
+            }
+            if self.expected_deliveries != self.accepted {
+                let _ = writeln!(w, "  deliveries    {} promised", self.expected_deliveries);
+            }
+            let _ = writeln!(w, "  pushed        {}", self.pushed);
+            let _ = writeln!(w, "  acked         {}", self.acked);
+            let timed_out = if self.drain_timed_out {
+                " (stopped waiting after --drain-timeout)"
+            } else {
+                ""
+            };
+            let _ = writeln!(w, "  lost          {}{timed_out}", self.lost);
+            let _ = writeln!(w, "  duplicates    {}", self.duplicates);
+            let _ = writeln!(
+                w,
+                "  connect       {:.2} s ({} hellos)",
+                self.connect_s, self.peers
+            );
+            let _ = writeln!(w, "  wall time     {:.2} s", self.wall_s);
+            let unit = if self.mode == Mode::Fanout {
+                "deliveries/s"
+            } else {
+                "msg/s"
+            };
+            let _ = writeln!(w, "  acked rate    {:.0} {unit}", self.acked_per_s);
+            let _ = writeln!(w, "  send→ack      {}", self.send_to_ack.line());
+            let _ = writeln!(w, "  send→push     {}", self.send_to_push.line());
+            if let Some(lag) = &self.schedule_lag {
+                let _ = writeln!(
+                    w,
+                    "  schedule lag  p99 {}  max {}",
+                    ms(lag.p99_ms),
+                    ms(lag.max_ms)
+                );
+            }
+        }
+        if let Some(b) = &self.broker {
+            let _ = writeln!(
+                w,
+                "  broker        peak RSS {}, CPU {:.1} s",
+                mib(b.peak_rss_kib),
+                b.cpu_s
+            );
+        }
+        if let Some(p) = &self.postgres {
+            let _ = writeln!(
+                w,
+                "  postgresql    peak RSS {} ({} processes at most), CPU {:.1} s",
+                mib(p.peak_rss_kib),
+                p.peak_processes.unwrap_or(0),
+                p.cpu_s
+            );
+        }
+        let _ = writeln!(w, "  bench         CPU {:.2} s", self.bench_cpu_s);
+        if self.error_count > 0 {
+            let _ = writeln!(w, "  errors        {}", self.error_count);
+            for e in &self.errors {
+                let _ = writeln!(w, "    {e}");
+            }
+        }
+        o
+    }
+
+    fn headline(&self) -> String {
+        match self.mode {
+            Mode::Burst => format!(
+                "burst, {} peers × {} messages × {} B, window {}",
+                self.peers, self.messages, self.size, self.window
+            ),
+            Mode::Steady => format!(
+                "steady, {} msg/s for {} s over {} peers, {} B",
+                self.rate.unwrap_or(0),
+                self.duration_s.unwrap_or(0.0),
+                self.peers,
+                self.size
+            ),
+            Mode::Fanout => format!(
+                "fanout, {} senders × {} broadcasts into {} peers, {} B, window {}",
+                self.senders.unwrap_or(0),
+                self.messages,
+                self.peers,
+                self.size,
+                self.window
+            ),
+            Mode::Idle => format!(
+                "idle, {} connections",
+                self.idle.as_ref().map_or(0, |i| i.connections)
+            ),
+        }
+    }
+}
+
+fn render_idle(w: &mut String, idle: &IdleRun) {
+    let _ = writeln!(
+        w,
+        "  connected     {} of {}",
+        idle.connected, idle.connections
+    );
+    let failures: Vec<String> = idle
+        .hello_failures
+        .iter()
+        .map(|(c, n)| format!("{c}: {n}"))
+        .collect();
+    let failed: u64 = idle.hello_failures.values().sum();
+    let _ = writeln!(w, "  failed        {failed}{}", bracket(&failures));
+    let _ = writeln!(
+        w,
+        "  all hellos    {:.2} s ({:.0} hellos/s)",
+        idle.hello_wall_s, idle.hellos_per_s
+    );
+    let _ = writeln!(w, "  hello         {}", idle.hello.line());
+    let _ = writeln!(
+        w,
+        "  received      {} frames (presence pushes)",
+        idle.frames_received
+    );
+    if let (Some(b), Some(a)) = (idle.broker_rss_before_kib, idle.broker_rss_after_kib) {
+        let per = idle.broker_kib_per_connection.unwrap_or(0.0);
+        let _ = writeln!(
+            w,
+            "  broker RSS    {} before, {} connected: {per:.1} KiB per connection",
+            mib(b),
+            mib(a)
+        );
+    }
+}
+
+fn bracket(items: &[String]) -> String {
+    if items.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", items.join(", "))
+    }
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
