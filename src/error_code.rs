@@ -129,19 +129,18 @@ impl ErrorCode {
         }
     }
 
-    /// Whether the same request can succeed later unchanged: the database
-    /// coming back, the rate bucket refilling, room in the mesh, a new
-    /// timestamp. Every other refusal is permanent for that request.
+    /// Whether the same request can succeed later unchanged, because what
+    /// refused it is a passing state of the broker: the database away, the
+    /// rate bucket empty, the mesh full, a hello that came too late (the
+    /// `retry?` column of `docs/protocol.md` §9 says `yes`, `later` or
+    /// `reconnect`). Every other refusal needs a different request.
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
             ErrorCode::Unavailable
                 | ErrorCode::RateLimit
                 | ErrorCode::Capacity
-                | ErrorCode::Replayed
-                | ErrorCode::TimestampSkew
                 | ErrorCode::HelloTimeout
-                | ErrorCode::SettleOverflow
         )
     }
 }
@@ -169,6 +168,23 @@ mod tests {
         }
     }
 
+    /// `docs/protocol.md` §9 is the list clients read: every code is in it.
+    #[test]
+    fn every_code_is_documented_for_clients() {
+        let doc = include_str!("../docs/protocol.md");
+        let section = &doc[doc.find("## 9. Error codes").expect("§9 exists")..];
+        let section = &section[..section.find("\n## 10.").expect("§10 follows")];
+        let missing: Vec<&str> = ErrorCode::ALL
+            .iter()
+            .map(|c| c.as_str())
+            .filter(|c| !section.contains(&format!("`{c}`")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "not in docs/protocol.md §9: {missing:?}"
+        );
+    }
+
     #[test]
     fn close_codes() {
         assert_eq!(ErrorCode::Revoked.close_code(), 4002);
@@ -184,5 +200,6 @@ mod tests {
         assert!(!ErrorCode::Invalid.is_retryable());
         assert!(!ErrorCode::NotFound.is_retryable());
         assert!(!ErrorCode::IdempotencyKeyReused.is_retryable());
+        assert!(!ErrorCode::Replayed.is_retryable(), "needs a fresh hello");
     }
 }
