@@ -612,3 +612,69 @@ impl Drain {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::actors::backlog::Backlog;
+    use crate::actors::conn::CloseConn;
+
+    /// Stands in for a session: counts the pushes it is handed.
+    struct Probe(Arc<Mutex<usize>>);
+
+    impl Actor for Probe {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Outbound> for Probe {
+        type Result = ();
+        fn handle(&mut self, _: Outbound, _: &mut Self::Context) {
+            *self.0.lock().unwrap() += 1;
+        }
+    }
+
+    impl Handler<CloseConn> for Probe {
+        type Result = ();
+        fn handle(&mut self, _: CloseConn, _: &mut Self::Context) {}
+    }
+
+    /// With the database away, a drain claims nothing and pushes nothing;
+    /// after its member's last connection leaves it stops, but only once
+    /// its database work (the failed claim, the release) has finished.
+    #[actix_web::test]
+    async fn without_a_database_nothing_is_pushed_and_the_last_leave_stops_the_drain() {
+        let pushed = Arc::new(Mutex::new(0));
+        let probe = Probe(pushed.clone()).start();
+        let drain = Drain::new(
+            Arc::new(crate::actors::test_shared()),
+            MemberId(uuid::Uuid::from_u128(1)),
+        )
+        .start();
+        let presence_id = PresenceId::new();
+        drain.do_send(AddConn {
+            presence_id,
+            handle: ConnHandle::new(&probe, Arc::new(Backlog::new(1 << 20, None))),
+            key: "sid:s".into(),
+            role: Role::ControlPlane,
+            has_session_pubkey: false,
+        });
+        drain.do_send(Wake);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(drain.connected(), "a drain with a connection keeps running");
+        drain.do_send(RemoveConn {
+            presence_id,
+            leaving: Leaving::Last,
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while drain.connected() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the drain never stopped"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(*pushed.lock().unwrap(), 0);
+    }
+}
