@@ -33,6 +33,8 @@ async fn count(env: &TestEnv, sql: &str) -> i64 {
 /// delivery to `to` whose remaining columns are `delivery` (SQL `col = expr`
 /// pairs for delivered_at, dead_at, attempts, recipient_key), or with no
 /// delivery when `to` is `None`.
+// Each argument is one column of the rows a retention test sets up; a
+// struct for them would only be built once per call site.
 #[allow(clippy::too_many_arguments)]
 async fn seed(
     env: &TestEnv,
