@@ -601,6 +601,15 @@ fn parse_text(bytes: &[u8]) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text.into_owned()))
 }
 
+/// The error code of a refused send's `ack`: what its `error` starts with
+/// (`"unavailable: …"` → `"unavailable"`); `"?"` when there is none.
+pub fn refusal_code(ack: &Value) -> &str {
+    ack["error"]
+        .as_str()
+        .and_then(|e| e.split(':').next())
+        .unwrap_or("?")
+}
+
 /// A `send` frame with opaque `nonce`/`ciphertext` (no `id` yet).
 pub fn send_frame(target: &str, text: &str, priority: &str) -> Value {
     json!({

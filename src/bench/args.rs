@@ -130,7 +130,7 @@ impl BenchArgs {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use clap::Parser;
 
@@ -140,7 +140,8 @@ mod tests {
         args: BenchArgs,
     }
 
-    fn parse(argv: &[&str]) -> Result<BenchArgs, clap::Error> {
+    /// `meshbroker bench ARGV…` as its arguments; also for other modules' tests.
+    pub(in crate::bench) fn parse(argv: &[&str]) -> Result<BenchArgs, clap::Error> {
         Wrap::try_parse_from(std::iter::once("bench").chain(argv.iter().copied())).map(|w| w.args)
     }
 

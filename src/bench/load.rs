@@ -499,12 +499,7 @@ fn on_ack(sh: &Shared, me: usize, ack: &Value, sent_at: &[u64]) {
         sh.expected.set(sh.expected.get() + recipients);
         sh.ledger.borrow_mut()[me][seq].0 = recipients as u32;
     } else {
-        let code = ack["error"]
-            .as_str()
-            .unwrap_or("?")
-            .split(':')
-            .next()
-            .unwrap_or("?");
+        let code = crate::client::refusal_code(ack);
         *sh.refused.borrow_mut().entry(code.to_owned()).or_default() += 1;
     }
     sh.progressed(now, true);

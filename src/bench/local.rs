@@ -282,18 +282,11 @@ fn context_log(log: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Wrap {
-        #[command(flatten)]
-        args: BenchArgs,
-    }
+    use crate::bench::args::tests::parse;
 
     #[test]
     fn generated_config_parses_and_lifts_the_limits() {
-        let args = Wrap::parse_from([
-            "x",
+        let args = parse(&[
             "--mode",
             "idle",
             "--connections",
@@ -301,7 +294,7 @@ mod tests {
             "--size",
             "100000",
         ])
-        .args;
+        .unwrap();
         let text = config_toml(&args, 7911, Path::new("/tmp/b \"x\"/data"));
         let config = crate::config::Config::parse(&text, Path::new("bench.toml")).unwrap();
         assert_eq!(config.server.listen.port(), 7911);

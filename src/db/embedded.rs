@@ -524,14 +524,19 @@ pub(crate) struct Throwaway {
     pub root: tempfile::TempDir,
 }
 
+/// A temp dir a cluster running as `postgres` (when we are root) can reach.
+#[cfg(test)]
+pub(crate) fn searchable_tempdir() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    root
+}
+
 #[cfg(test)]
 impl Throwaway {
     /// Starts one; `None` (said on stderr) where no PostgreSQL is installed.
     pub(crate) fn start() -> Option<Throwaway> {
-        use std::os::unix::fs::PermissionsExt;
-        let root = tempfile::tempdir().unwrap();
-        // The cluster runs as `postgres` when we are root.
-        fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let root = searchable_tempdir();
         match EmbeddedPostgres::start(&root.path().join("data"), &EmbeddedOptions { fsync: false })
         {
             Ok(pg) => Some(Throwaway { pg, root }),
@@ -937,8 +942,7 @@ mod tests {
         if find_binaries().is_err() {
             return;
         }
-        let root = tempfile::tempdir().unwrap();
-        fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let root = searchable_tempdir();
         let deep = root.path().join("d".repeat(100));
         let err = EmbeddedPostgres::start(&deep, &EmbeddedOptions::default()).unwrap_err();
         assert!(
@@ -991,8 +995,7 @@ mod tests {
             eprintln!("skipped: {NO_INSTALLATION}");
             return;
         }
-        let root = tempfile::tempdir().unwrap();
-        fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let root = searchable_tempdir();
         let dir = root.path().join("data");
         let mut pg = EmbeddedPostgres::start(&dir, &EmbeddedOptions { fsync: false }).unwrap();
         assert!(pg.postmaster_alive());
@@ -1053,8 +1056,7 @@ mod tests {
             eprintln!("skipped: {NO_INSTALLATION}");
             return;
         }
-        let root = tempfile::tempdir().unwrap();
-        fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let root = searchable_tempdir();
         let dir = root.path().join("data");
         let fast = EmbeddedOptions { fsync: false };
 

@@ -5,11 +5,14 @@
 //! (3 s). During an outage every hello, send, `/health` and `/health/ready`
 //! would then hang that long, and a readiness probe with a shorter timeout
 //! would see a hung broker rather than a 503. So the broker keeps a shared
-//! "database down" state: a connect that fails (reported by the pool's sink)
-//! or a failed probe sets it, and while it is set `get()` fails at once. A
-//! probe on a connection of its own, outside the pool (so a pool exhausted by
-//! traffic cannot starve it), checks every [`PROBE_EVERY`] and clears the
-//! state as soon as the database answers.
+//! "database down" state, set and cleared by one probe only: a query on a
+//! connection of its own, outside the pool (so a pool exhausted by traffic
+//! cannot starve it), every [`PROBE_EVERY`] and at once whenever a pooled
+//! connect fails (reported by the pool's error sink). While the state is
+//! set, `get()` fails at once. One failed connect alone (the server's
+//! connection limit reached, a backend killed) does not set it: with the
+//! probe's connection answering, the database is up, and the connections
+//! the pool already holds go on serving.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -85,6 +88,8 @@ pub enum PoolError {
 #[derive(Debug)]
 struct Health {
     down: watch::Sender<bool>,
+    /// Asks the probe to check now, not at its next tick.
+    check_now: tokio::sync::Notify,
 }
 
 impl Health {
@@ -135,9 +140,10 @@ impl Pool {
     ) -> Pool {
         let health = Arc::new(Health {
             down: watch::Sender::new(false),
+            check_now: tokio::sync::Notify::new(),
         });
         let inner = builder
-            .error_sink(Box::new(MarkDown(Arc::downgrade(&health))))
+            .error_sink(Box::new(CheckNow(Arc::downgrade(&health))))
             .build_unchecked(manager);
         tokio::spawn(probe(url, Arc::downgrade(&health), Some(probe_conn)));
         Pool { inner, health }
@@ -168,6 +174,7 @@ impl Pool {
         >::new("postgres://nobody@127.0.0.1:1/none");
         let health = Arc::new(Health {
             down: watch::Sender::new(false),
+            check_now: tokio::sync::Notify::new(),
         });
         let inner = ::bb8::Pool::builder()
             .connection_timeout(Duration::from_millis(100))
@@ -186,18 +193,19 @@ impl Pool {
     }
 }
 
-/// The pool's error sink: a failed connect marks the database down.
+/// The pool's error sink: a failed connect makes the probe check at once.
 #[derive(Debug, Clone)]
-struct MarkDown(Weak<Health>);
+struct CheckNow(Weak<Health>);
 
-impl ::bb8::ErrorSink<ManagerError> for MarkDown {
+impl ::bb8::ErrorSink<ManagerError> for CheckNow {
     fn sink(&self, error: ManagerError) {
         // A pooled connection found broken at checkout (`QueryError`) says
         // nothing about the server: one backend may have been terminated.
         // bb8 drops it and takes or opens another.
         if let ManagerError::ConnectionError(e) = &error {
             if let Some(health) = self.0.upgrade() {
-                health.mark_down(e);
+                tracing::debug!(error = %e, "a pooled connect failed; probing the database");
+                health.check_now.notify_one();
             }
         }
     }
@@ -211,7 +219,14 @@ async fn probe(url: String, health: Weak<Health>, mut conn: Option<AsyncPgConnec
     let mut tick = tokio::time::interval(PROBE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        let Some(strong) = health.upgrade() else {
+            return;
+        };
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = strong.check_now.notified() => {}
+        }
+        drop(strong);
         let Some(health) = health.upgrade() else {
             return;
         };

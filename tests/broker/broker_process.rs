@@ -259,13 +259,7 @@ impl Ledger {
             let id = ack["messageId"].as_str().expect("queued ack has messageId");
             self.accepted.insert(id.to_owned());
         } else {
-            let code = ack["error"]
-                .as_str()
-                .unwrap_or("?")
-                .split(':')
-                .next()
-                .unwrap_or("?")
-                .to_owned();
+            let code = meshbroker::client::refusal_code(ack).to_owned();
             *self.refused.entry(code).or_default() += 1;
         }
     }

@@ -53,14 +53,7 @@ struct OwnCluster {
 impl OwnCluster {
     /// Starts a cluster in a temp dir and migrates its database.
     async fn start() -> OwnCluster {
-        let dir = tempfile::Builder::new()
-            .prefix("mb-faults-")
-            .tempdir()
-            .expect("temp dir");
-        // The cluster runs as `postgres` when we are root.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
-            .expect("chmod temp dir");
+        let dir = cluster_tempdir("mb-faults-");
         let pg = Self::boot(dir.path().join("d")).await;
         pg.stop_when_process_exits().expect("cluster watcher");
         let url = pg.url();
@@ -702,14 +695,7 @@ impl Drop for StopClusterOnDrop {
 #[actix_web::test]
 async fn killed_embedded_postgres_is_restarted_by_the_broker() {
     const TEST: &str = "killed_embedded_postgres_is_restarted_by_the_broker";
-    let dir = tempfile::Builder::new()
-        .prefix("mb-pgsuper-")
-        .tempdir()
-        .expect("temp dir");
-    // The cluster runs as `postgres` when we are root.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
-        .expect("chmod temp dir");
+    let dir = cluster_tempdir("mb-pgsuper-");
     let data_dir = dir.path().join("d");
     let cluster = StopClusterOnDrop(data_dir.join("pg"));
     let mut p = BrokerProcess::spawn_embedded(

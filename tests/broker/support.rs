@@ -214,6 +214,19 @@ pub fn test_config(db_url: &str) -> Config {
     config
 }
 
+/// A temp dir (named `prefix…`) that a cluster running as `postgres`
+/// (when the tests run as root) can reach.
+pub fn cluster_tempdir(prefix: &str) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod temp dir");
+    dir
+}
+
 /// A member of the test mesh with its key.
 #[derive(Clone, Debug)]
 pub struct Member {
