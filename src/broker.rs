@@ -7,14 +7,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, Addr, Supervisor};
+use actix::{Actor, Addr, Arbiter, Supervisor};
 use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpServer};
 
 use crate::actors::backlog::SocketHandle;
+use crate::actors::batch::Batcher;
+use crate::actors::claims::{AckJob, ClaimJob};
+use crate::actors::drain::DrainHome;
 use crate::actors::janitor::Janitor;
 use crate::actors::registry::{self, Registry};
 use crate::actors::sweeper::Sweeper;
+use crate::actors::writer::WriteJob;
 use crate::actors::{RateLimiter, Shared};
 use crate::config::Config;
 use crate::db::{queries, Pool};
@@ -52,6 +56,8 @@ pub struct Broker {
     janitor_fail_next: Arc<AtomicBool>,
     server: ServerHandle,
     server_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The threads of the drains and batchers, stopped with the broker.
+    arbiters: Vec<Arbiter>,
 }
 
 /// Starts a broker on `listener`; must run inside an actix `System`.
@@ -70,7 +76,30 @@ pub async fn start(
         metrics: Arc::new(Metrics::new()),
         node_id: NodeId::new(),
     });
-    let registry = Registry::new(shared.clone()).start();
+    // Claims, acks and sends are batched on a thread of their own; drains
+    // are spread over one thread per core.
+    let batching = Arbiter::new();
+    let claimer = Batcher::start_supervised(&batching.handle(), shared.clone(), ClaimJob);
+    let acker = Batcher::start_supervised(&batching.handle(), shared.clone(), AckJob);
+    let drain_threads: Vec<Arbiter> = (0..std::thread::available_parallelism()
+        .map_or(2, |n| n.get()))
+        .map(|_| Arbiter::new())
+        .collect();
+    let home = DrainHome::new(
+        claimer,
+        acker,
+        drain_threads.iter().map(Arbiter::handle).collect(),
+    );
+    let registry = Registry::new(shared.clone(), home).start();
+    let writer = Batcher::start_supervised(
+        &batching.handle(),
+        shared.clone(),
+        WriteJob {
+            wake: registry.clone().recipient(),
+        },
+    );
+    let mut arbiters = drain_threads;
+    arbiters.push(batching);
     let fail_next = Arc::new(AtomicBool::new(false));
     let sweeper = {
         let (shared, registry, fail_next) = (shared.clone(), registry.clone(), fail_next.clone());
@@ -82,7 +111,7 @@ pub async fn start(
         let fail_next = janitor_fail_next.clone();
         Supervisor::start(move |_| Janitor::new(shared, registry, fail_next))
     };
-    let state = web::Data::new(AppState::new(shared.clone(), registry.clone()));
+    let state = web::Data::new(AppState::new(shared.clone(), registry.clone(), writer));
     let server =
         HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
             // Each connection keeps a handle on its socket, so a WebSocket
@@ -116,6 +145,7 @@ pub async fn start(
         janitor_fail_next,
         server: handle,
         server_task,
+        arbiters,
     })
 }
 
@@ -159,6 +189,9 @@ impl Broker {
         }
         self.server.stop(true).await;
         let _ = self.server_task.await;
+        for arbiter in &self.arbiters {
+            arbiter.stop();
+        }
         tracing::info!("stopped");
     }
 }

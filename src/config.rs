@@ -195,6 +195,10 @@ pub struct LimitsConfig {
     pub send_burst: u32,
     /// Token bucket refill rate of a member's sends.
     pub send_per_sec: u32,
+    /// Sends one connection may have waiting for their store; at this many
+    /// the broker stops reading the connection until the oldest is
+    /// answered (back-pressure, not a refusal).
+    pub send_window: u32,
     /// Live connections one mesh may hold.
     pub max_connections_per_mesh: u32,
     /// Allowed clock difference of a hello's timestamp.
@@ -211,6 +215,7 @@ impl Default for LimitsConfig {
             max_message_bytes: 65_536,
             send_burst: 200,
             send_per_sec: 100,
+            send_window: 256,
             max_connections_per_mesh: 1000,
             hello_skew: Dur::secs(60),
             hello_timeout: Dur::secs(10),
@@ -284,13 +289,14 @@ impl Config {
                 reason,
             })
         };
-        let positive: [(&'static str, u64); 7] = [
+        let positive: [(&'static str, u64); 8] = [
             ("database.pool_size", self.database.pool_size.into()),
             ("delivery.max_in_flight", self.delivery.max_in_flight.into()),
             ("delivery.claim_batch", self.delivery.claim_batch.into()),
             ("delivery.max_attempts", self.delivery.max_attempts.into()),
             ("limits.send_burst", self.limits.send_burst.into()),
             ("limits.send_per_sec", self.limits.send_per_sec.into()),
+            ("limits.send_window", self.limits.send_window.into()),
             (
                 "limits.max_connections_per_mesh",
                 self.limits.max_connections_per_mesh.into(),

@@ -13,6 +13,7 @@ use serde_json::json;
 use crate::actors::backlog::{backlog_limit, Backlog, SocketHandle};
 use crate::actors::registry::{self, Registry};
 use crate::actors::session::WsSession;
+use crate::actors::writer::Writer;
 use crate::actors::{RateLimiter, Shared};
 use crate::db::{self, queries};
 use crate::ids::{PresenceId, Status};
@@ -27,14 +28,16 @@ const HOOK_PER_SEC: u32 = 20;
 pub struct AppState {
     pub shared: Arc<Shared>,
     pub registry: Addr<Registry>,
+    pub writer: Addr<Writer>,
     pub hook_limits: RateLimiter<IpAddr>,
 }
 
 impl AppState {
-    pub fn new(shared: Arc<Shared>, registry: Addr<Registry>) -> Self {
+    pub fn new(shared: Arc<Shared>, registry: Addr<Registry>, writer: Addr<Writer>) -> Self {
         AppState {
             shared,
             registry,
+            writer,
             hook_limits: RateLimiter::new(HOOK_BURST, HOOK_PER_SEC),
         }
     }
@@ -63,6 +66,7 @@ async fn websocket(
     let session = WsSession::new(
         state.shared.clone(),
         state.registry.clone(),
+        state.writer.clone(),
         backlog.clone(),
     );
     let mut response = ws::handshake(&req)?;

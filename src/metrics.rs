@@ -19,15 +19,27 @@ pub enum ActorKind {
     Sweeper,
     Registry,
     Janitor,
+    /// The group-commit writer of sends.
+    Writer,
+    /// The batcher of the drains' claims.
+    Claimer,
+    /// The batcher of acks.
+    Acker,
 }
 
+/// Number of [`ActorKind`]s: the size of every per-kind series.
+const KINDS: usize = 8;
+
 impl ActorKind {
-    const ALL: [ActorKind; 5] = [
+    const ALL: [ActorKind; KINDS] = [
         ActorKind::Session,
         ActorKind::Drain,
         ActorKind::Sweeper,
         ActorKind::Registry,
         ActorKind::Janitor,
+        ActorKind::Writer,
+        ActorKind::Claimer,
+        ActorKind::Acker,
     ];
     fn label(self) -> &'static str {
         match self {
@@ -36,6 +48,9 @@ impl ActorKind {
             ActorKind::Sweeper => "sweeper",
             ActorKind::Registry => "registry",
             ActorKind::Janitor => "janitor",
+            ActorKind::Writer => "writer",
+            ActorKind::Claimer => "claimer",
+            ActorKind::Acker => "acker",
         }
     }
 }
@@ -140,9 +155,12 @@ pub struct Metrics {
     pub slow_consumers: AtomicU64,
     delivery_seconds: Histogram,
     push_seconds: Histogram,
-    actors: [AtomicI64; 5],
-    actor_messages: [AtomicU64; 5],
-    actor_restarts: [AtomicU64; 5],
+    actors: [AtomicI64; KINDS],
+    actor_messages: [AtomicU64; KINDS],
+    actor_restarts: [AtomicU64; KINDS],
+    /// Rounds run by the batching actors, and the requests they carried.
+    batches: [AtomicU64; KINDS],
+    batched_requests: [AtomicU64; KINDS],
     /// Rows the janitor deleted, by table (see [`RetentionTable`]).
     retention_deleted: [AtomicU64; 3],
     pub janitor_runs: AtomicU64,
@@ -180,6 +198,25 @@ pub struct PoolState {
     pub in_use: u32,
 }
 
+/// Writes one counter series per actor kind in `kinds`.
+fn per_kind_counter<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    values: &[AtomicU64; KINDS],
+    kinds: impl Iterator<Item = &'a ActorKind>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for k in kinds {
+        let _ = writeln!(
+            out,
+            "{name}{{kind=\"{}\"}} {}",
+            k.label(),
+            values[*k as usize].load(Relaxed)
+        );
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -208,6 +245,8 @@ impl Metrics {
             actors: Default::default(),
             actor_messages: Default::default(),
             actor_restarts: Default::default(),
+            batches: Default::default(),
+            batched_requests: Default::default(),
             retention_deleted: Default::default(),
             janitor_runs: AtomicU64::new(0),
             embedded_postgres_restarts: AtomicU64::new(0),
@@ -255,6 +294,11 @@ impl Metrics {
     }
     pub fn actor_message(&self, kind: ActorKind) {
         self.actor_messages[kind as usize].fetch_add(1, Relaxed);
+    }
+    /// A batching actor ran one round of `requests`.
+    pub fn batch_run(&self, kind: ActorKind, requests: usize) {
+        self.batches[kind as usize].fetch_add(1, Relaxed);
+        self.batched_requests[kind as usize].fetch_add(requests as u64, Relaxed);
     }
     pub fn actor_restarted(&self, kind: ActorKind) {
         self.actor_restarts[kind as usize].fetch_add(1, Relaxed);
@@ -414,7 +458,7 @@ impl Metrics {
                 self.retention_deleted[t as usize].load(Relaxed)
             );
         }
-        let per_kind: [(&str, &str, &str, &[AtomicI64; 5]); 1] = [(
+        let per_kind: [(&str, &str, &str, &[AtomicI64; KINDS]); 1] = [(
             "meshbroker_actors",
             "gauge",
             "Running actors, by kind.",
@@ -443,15 +487,22 @@ impl Metrics {
                 &self.actor_restarts,
             ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for k in ActorKind::ALL {
-                let _ = writeln!(
-                    out,
-                    "{name}{{kind=\"{}\"}} {}",
-                    k.label(),
-                    values[k as usize].load(Relaxed)
-                );
-            }
+            per_kind_counter(&mut out, name, help, values, ActorKind::ALL.iter());
+        }
+        for (name, help, values) in [
+            (
+                "meshbroker_batches_total",
+                "Rounds (one database transaction each) run by the batching actors, by kind.",
+                &self.batches,
+            ),
+            (
+                "meshbroker_batched_requests_total",
+                "Requests carried by those rounds, by kind: divided by meshbroker_batches_total, the mean batch size.",
+                &self.batched_requests,
+            ),
+        ] {
+            let batching = [ActorKind::Writer, ActorKind::Claimer, ActorKind::Acker];
+            per_kind_counter(&mut out, name, help, values, batching.iter());
         }
         let _ = writeln!(
             out,

@@ -54,6 +54,18 @@ const LAYERS: &[(&str, &[&str])] = &[
     // `actors` itself holds what every actor shares (`Shared`, the rate
     // limiter).
     ("actors", &["actors"]),
+    // The batching actors (writer, claimer, acker) and the wake-up message
+    // the writer sends after each commit: they know the database and the
+    // routing rules, not the connections or drains they serve.
+    (
+        "actors::batch",
+        &[
+            "actors::wake",
+            "actors::batch",
+            "actors::claims",
+            "actors::writer",
+        ],
+    ),
     // A connection's outward face: what drains and the registry may send to
     // a connection, the handle they send it through, and the backlog every
     // push goes through.

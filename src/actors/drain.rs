@@ -14,9 +14,11 @@ use std::time::Duration;
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 
+use super::batch::Submit;
+use super::claims::{Acker, BatchFailed, ClaimPass, Claimer};
 use super::conn::{ConnHandle, Outbound};
 use super::Shared;
-use crate::db::queries::{self, ClaimSpec, Claimed};
+use crate::db::queries::{self, AckSpec, Claimed};
 use crate::db::QueryError;
 use crate::error_code::ErrorCode;
 use crate::ids::{ClaimId, DeliveryId, MemberId, MessageId, PresenceId, Role};
@@ -50,9 +52,54 @@ impl Conn {
     }
 }
 
+/// Where drains start: the batchers they share, and the arbiters they are
+/// spread over (round robin), so pushes are encoded on every core.
+#[derive(Clone)]
+pub struct DrainHome {
+    pub claimer: Addr<Claimer>,
+    pub acker: Addr<Acker>,
+    pub arbiters: Arc<[ArbiterHandle]>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl DrainHome {
+    pub fn new(claimer: Addr<Claimer>, acker: Addr<Acker>, arbiters: Vec<ArbiterHandle>) -> Self {
+        assert!(!arbiters.is_empty(), "drains need an arbiter to run on");
+        DrainHome {
+            claimer,
+            acker,
+            arbiters: arbiters.into(),
+            next: Default::default(),
+        }
+    }
+
+    /// Batchers and drains on the current arbiter (unit tests).
+    #[cfg(test)]
+    pub(crate) fn here(shared: &Arc<Shared>) -> Self {
+        use super::batch::Batcher;
+        use super::claims::{AckJob, ClaimJob};
+        DrainHome::new(
+            Batcher::new(shared.clone(), ClaimJob).start(),
+            Batcher::new(shared.clone(), AckJob).start(),
+            vec![Arbiter::current()],
+        )
+    }
+
+    /// Starts the drain of `member_id` on the next arbiter.
+    pub fn start(&self, shared: Arc<Shared>, member_id: MemberId) -> Addr<Drain> {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.arbiters.len();
+        let (claimer, acker) = (self.claimer.clone(), self.acker.clone());
+        Drain::start_in_arbiter(&self.arbiters[i], move |_| {
+            Drain::new(shared, member_id, claimer, acker)
+        })
+    }
+}
+
 pub struct Drain {
     shared: Arc<Shared>,
     member_id: MemberId,
+    claimer: Addr<Claimer>,
+    acker: Addr<Acker>,
     conns: HashMap<PresenceId, Conn>,
     next_seq: u64,
     /// A claim pass is running.
@@ -86,10 +133,17 @@ pub enum Leaving {
 }
 
 impl Drain {
-    pub fn new(shared: Arc<Shared>, member_id: MemberId) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        member_id: MemberId,
+        claimer: Addr<Claimer>,
+        acker: Addr<Acker>,
+    ) -> Self {
         Drain {
             shared,
             member_id,
+            claimer,
+            acker,
             conns: HashMap::new(),
             next_seq: 0,
             running: false,
@@ -170,36 +224,21 @@ impl Drain {
         }
         self.running = true;
         self.dirty = false;
-        let shared = self.shared.clone();
-        let member_id = self.member_id;
-        let fut = async move {
-            let cfg = &shared.config.delivery;
-            let mut conn = shared.pool.get().await?;
-            let mut batches = Vec::with_capacity(plans.len());
-            for plan in plans {
-                let spec = ClaimSpec {
-                    member_id,
-                    presence_id: plan.presence_id,
-                    key: plan.key.as_deref().unwrap_or(""),
-                    member_wide: plan.member_wide,
-                    limit: plan.limit,
-                    lease: cfg.lease.get(),
-                    node_id: shared.node_id,
-                    max_attempts: cfg.max_attempts as i32,
-                };
-                let rows = queries::claim(&mut conn, &spec).await?;
-                batches.push((plan, rows));
-            }
-            Ok::<_, QueryError>(batches)
+        let asked: Vec<(PresenceId, i64)> =
+            plans.iter().map(|p| (p.presence_id, p.limit)).collect();
+        let pass = ClaimPass {
+            member_id: self.member_id,
+            plans,
         };
-        let fut = fut.into_actor(self).map(|result, act, ctx| {
+        let fut = self.claimer.send(Submit(pass));
+        let fut = fut.into_actor(self).map(move |result, act, ctx| {
             act.running = false;
-            match result {
+            match answered(result) {
                 Ok(batches) => {
                     let mut again = act.dirty;
-                    for (plan, rows) in batches {
-                        again |= rows.len() as i64 == plan.limit;
-                        act.push(ctx, plan.presence_id, rows);
+                    for ((presence_id, limit), rows) in asked.into_iter().zip(batches) {
+                        again |= rows.len() as i64 == limit;
+                        act.push(ctx, presence_id, rows);
                     }
                     if again {
                         act.drain(ctx);
@@ -325,6 +364,11 @@ impl Drain {
             }
         }
     }
+}
+
+/// A batcher's answer, or why there is none.
+fn answered<T>(result: Result<Result<T, BatchFailed>, MailboxError>) -> Result<T, BatchFailed> {
+    result.unwrap_or(Err(BatchFailed::Stopped))
 }
 
 /// The push frame for one claimed delivery.
@@ -474,26 +518,26 @@ impl Handler<Ack> for Drain {
         if !self.admit(msg.presence_id) {
             return;
         }
-        let shared = self.shared.clone();
-        let member_id = self.member_id;
         let presence_id = msg.presence_id;
         *self.acks_in_flight.entry(presence_id).or_default() += 1;
+        let (broker_message_id, client_message_id) = match msg.message {
+            AckedMessage::Broker(id) => (Some(id), None),
+            AckedMessage::Client(id) => (None, Some(id)),
+        };
+        let spec = AckSpec {
+            member_id: self.member_id,
+            key,
+            broker_message_id,
+            client_message_id,
+        };
         self.spawn_db(
             ctx,
-            async move {
-                let mut conn = shared.pool.get().await?;
-                let (broker_id, client_id) = match &msg.message {
-                    AckedMessage::Broker(id) => (Some(*id), None),
-                    AckedMessage::Client(id) => (None, Some(id.as_str())),
-                };
-                Ok::<_, QueryError>(
-                    queries::ack(&mut conn, member_id, &key, broker_id, client_id).await?,
-                )
-            }
+            self.acker
+                .send(Submit(spec))
             .into_actor(self)
             .map(move |result, act, ctx| {
                 act.ack_done(ctx, presence_id);
-                match result {
+                match answered(result) {
                     Ok(acked) if !acked.is_empty() => {
                         let metrics = &act.shared.metrics;
                         let now = Utc::now();
@@ -647,11 +691,8 @@ mod tests {
     async fn without_a_database_nothing_is_pushed_and_the_last_leave_stops_the_drain() {
         let pushed = Arc::new(Mutex::new(0));
         let probe = Probe(pushed.clone()).start();
-        let drain = Drain::new(
-            Arc::new(crate::actors::test_shared()),
-            MemberId(uuid::Uuid::from_u128(1)),
-        )
-        .start();
+        let shared = Arc::new(crate::actors::test_shared());
+        let drain = DrainHome::here(&shared).start(shared, MemberId(uuid::Uuid::from_u128(1)));
         let presence_id = PresenceId::new();
         drain.do_send(AddConn {
             presence_id,

@@ -2,22 +2,30 @@
 //!
 //! Listed in the order they depend on each other (each uses only those
 //! before it):
+//! - [`wake`]: the one message that wakes members' drains.
+//! - [`batch`]: self-clocking batching actors; [`claims`] the claimer and
+//!   acker built on it (every drain's claims and acks share statements).
 //! - [`backlog`] / [`conn`]: a connection's outward face — what the drain
 //!   and registry may send it, through a handle of `Recipient`s, bounded by
 //!   its backlog.
 //! - [`drain::Drain`]: one per member with a live connection; claims, pushes, acks.
 //! - [`registry::Registry`]: the presence registry; routes between sessions and drains.
+//! - [`writer`]: supervised; stores every session's sends, one transaction per batch.
 //! - [`session::WsSession`]: one per WebSocket connection, tagged with its role.
 //! - [`sweeper::Sweeper`]: supervised; leases, dead letters, grace windows.
 //! - [`janitor::Janitor`]: supervised; retention and expiry deletes, wakes drains.
 
 pub mod backlog;
+pub mod batch;
+pub mod claims;
 pub mod conn;
 pub mod drain;
 pub mod janitor;
 pub mod registry;
 pub mod session;
 pub mod sweeper;
+pub mod wake;
+pub mod writer;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

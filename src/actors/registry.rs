@@ -16,7 +16,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::conn::{CloseReason, ConnHandle, Outbound};
-use super::drain::{self, Drain, Leaving};
+use super::drain::{self, Drain, DrainHome, Leaving};
 use super::Shared;
 use crate::db::queries;
 use crate::ids::{DeliveryId, MemberId, MeshId, PresenceId, Role};
@@ -112,14 +112,17 @@ pub struct Registry {
     /// without a grace window (no hello of theirs can take it over).
     revoked: HashSet<PresenceId>,
     drains: HashMap<MemberId, Addr<Drain>>,
+    /// Where new drains start.
+    home: DrainHome,
     /// Graceful shutdown began: closing connections leave their rows to it.
     shutting_down: bool,
 }
 
 impl Registry {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<Shared>, home: DrainHome) -> Self {
         Registry {
             shared,
+            home,
             conns: HashMap::new(),
             replaced: Default::default(),
             revoked: Default::default(),
@@ -222,7 +225,7 @@ impl Handler<Connect> for Registry {
         let drain = self
             .drains
             .entry(entry.member_id)
-            .or_insert_with(|| Drain::new(self.shared.clone(), entry.member_id).start())
+            .or_insert_with(|| self.home.start(self.shared.clone(), entry.member_id))
             .clone();
         drain.do_send(drain::AddConn {
             presence_id: entry.presence_id,
@@ -294,10 +297,7 @@ impl Handler<Disconnect> for Registry {
     }
 }
 
-/// Something happened that may let these members' drains push more.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct WakeMembers(pub Vec<MemberId>);
+pub use super::wake::WakeMembers;
 
 impl Handler<WakeMembers> for Registry {
     type Result = ();
@@ -593,7 +593,8 @@ mod tests {
     }
 
     fn registry() -> Addr<Registry> {
-        Registry::new(Arc::new(crate::actors::test_shared())).start()
+        let shared = Arc::new(crate::actors::test_shared());
+        Registry::new(shared.clone(), DrainHome::here(&shared)).start()
     }
 
     /// Registers a probe connection; returns what it hears.

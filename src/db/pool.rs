@@ -20,6 +20,7 @@ use std::time::Duration;
 use diesel::{ConnectionError, ConnectionResult};
 use diesel_async::pooled_connection::{
     bb8, AsyncDieselConnectionManager, ManagerConfig, PoolError as ManagerError,
+    PoolableConnection, RecyclingMethod,
 };
 use diesel_async::AsyncConnection;
 use futures_util::FutureExt;
@@ -54,6 +55,21 @@ pub async fn connect(url: &str, size: u32) -> Result<Pool, DbError> {
         .map_err(|e| DbError::Connect(e.to_string()))?;
     let mut manager_config = ManagerConfig::default();
     manager_config.custom_setup = Box::new(|url| establish(url).boxed());
+    // No `SELECT 1` on every checkout: a round trip per query, on the
+    // hottest paths. A connection that died fails its first query, and
+    // the probe, not the checkout, tells the broker the database is down.
+    // Only a connection whose socket is known closed is dropped at checkout.
+    manager_config.recycling_method = RecyclingMethod::CustomFunction(Box::new(|conn| {
+        let broken = PoolableConnection::is_broken(conn);
+        async move {
+            if broken {
+                Err(diesel::result::Error::BrokenTransactionManager)
+            } else {
+                Ok(())
+            }
+        }
+        .boxed()
+    }));
     let manager =
         AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, manager_config);
     let builder = bb8::Pool::builder()
@@ -263,9 +279,10 @@ mod tests {
     use crate::db::embedded::{EmbeddedOptions, EmbeddedPostgres, Throwaway};
     use std::time::Instant;
 
-    /// Really stops the database under a pool: checkouts are refused at
-    /// once (not after the 3 s checkout timeout) and work again once the
-    /// probe sees it back.
+    /// Really stops the database under a pool: once the probe has seen it
+    /// (within a probe interval; a connection handed out before that fails
+    /// its first query at once), checkouts are refused at once (not after
+    /// the 3 s checkout timeout) and work again once the probe sees it back.
     #[test]
     fn checkouts_fail_at_once_while_the_database_is_down() {
         let Some(mut cluster) = Throwaway::start() else {
@@ -284,6 +301,20 @@ mod tests {
             assert!(!pool.is_down());
 
             pg.stop();
+            let stopped = Instant::now();
+            while !pool.is_down() {
+                if let Ok(mut conn) = pool.get().await {
+                    assert!(
+                        crate::db::ping(&mut conn).await.is_err(),
+                        "a query after the stop"
+                    );
+                }
+                assert!(
+                    stopped.elapsed() < Duration::from_secs(3),
+                    "never seen down"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             for attempt in 0..3 {
                 let began = Instant::now();
                 let refused = pool.get().await.map(drop);

@@ -113,6 +113,7 @@ impl WsSession {
                 display_name,
                 groups: claims.info.groups,
                 drain,
+                pipeline: Default::default(),
             })
         };
         // `wait`: no other frame of this connection is handled before its

@@ -14,6 +14,7 @@
 mod dispatch;
 mod hello;
 mod kick;
+mod pipeline;
 mod presence;
 mod send;
 
@@ -28,6 +29,7 @@ use super::backlog::Backlog;
 use super::conn::{CloseConn, Outbound};
 use super::drain::Drain;
 use super::registry::{self, Registry};
+use super::writer::Writer;
 use super::Shared;
 use crate::db::queries::MemberRow;
 use crate::error_code::ErrorCode;
@@ -56,12 +58,15 @@ struct Ready {
     /// Its groups, as last written to its presence row.
     groups: Vec<Group>,
     drain: Addr<Drain>,
+    /// Its sends waiting for the writer.
+    pipeline: pipeline::Pipeline,
 }
 
 /// What every handler of the connection uses, whatever its state.
 struct Io {
     shared: Arc<Shared>,
     registry: Addr<Registry>,
+    writer: Addr<Writer>,
     /// Last frame or pong from the client.
     last_heard: Instant,
     /// The same, as unix millis, for the registry's `kick stale`.
@@ -78,11 +83,17 @@ pub struct WsSession {
 }
 
 impl WsSession {
-    pub fn new(shared: Arc<Shared>, registry: Addr<Registry>, backlog: Arc<Backlog>) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        registry: Addr<Registry>,
+        writer: Addr<Writer>,
+        backlog: Arc<Backlog>,
+    ) -> Self {
         WsSession {
             io: Io {
                 shared,
                 registry,
+                writer,
                 last_heard: Instant::now(),
                 last_seen: Arc::new(AtomicI64::new(chrono::Utc::now().timestamp_millis())),
                 backlog,
@@ -107,7 +118,12 @@ impl Io {
 
 /// Writes one frame.
 fn reply(ctx: &mut Ctx, frame: impl Into<ServerFrame>) {
-    ctx.text(frame.into().to_text());
+    ctx.text(frame_text(frame));
+}
+
+/// One frame as the text written.
+fn frame_text(frame: impl Into<ServerFrame>) -> String {
+    frame.into().to_text()
 }
 
 /// Writes an `error` frame.

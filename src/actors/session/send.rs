@@ -1,35 +1,34 @@
-//! `send`: checked, routed, stored with its deliveries in one transaction,
-//! and only then answered `queued:true` — after which the recipients'
-//! drains are woken.
+//! `send`: checked, routed and handed to the writer, which stores it with
+//! its deliveries and answers after its batch commits; only then is it
+//! answered `queued:true`. Sends are pipelined (see [`super::pipeline`]).
 
 use actix::prelude::*;
 use uuid::Uuid;
 
-use super::{reply, Ctx, Io, Ready, WsSession};
-use crate::actors::registry;
-use crate::db::queries::{self, NewMessage, Recipient, SendOutcome};
+use super::{Ctx, Io, Ready, WsSession};
+use crate::actors::batch::Submit;
+use crate::actors::writer::{Store, Stored, WriteError};
+use crate::db::queries::{NewMessage, SendOutcome};
 use crate::error_code::ErrorCode;
-use crate::ids::{MemberId, MeshId, Priority};
-use crate::protocol::{Group, SendAck, SendFrame};
-use crate::routing::{self, Listed, Target};
-
-/// A refusal found while storing: its code and the text after it.
-type Refused = (ErrorCode, String);
-
-fn unavailable<E>(_: E) -> Refused {
-    (ErrorCode::Unavailable, "database unavailable, retry".into())
-}
+use crate::ids::{MemberId, Priority};
+use crate::metrics::Metrics;
+use crate::protocol::{SendAck, SendFrame};
+use crate::routing::{self, Target};
 
 impl Io {
     /// Refusal texts after the code use the words the claudemesh daemon
     /// reads as permanent ("invalid", "unknown"): it retries any other
     /// refusal for minutes.
-    pub(super) fn send(&self, ready: &Ready, send: SendFrame, ctx: &mut Ctx) {
+    pub(super) fn send(&self, ready: &mut Ready, send: SendFrame, ctx: &mut Ctx) {
         let id = send.id.clone().unwrap_or_default();
         let metrics = self.metrics();
-        let refuse = |ctx: &mut Ctx, code: ErrorCode, text: &str| {
+        let mut refuse = |ctx: &mut Ctx, code: ErrorCode, text: &str| {
             metrics.message_rejected(code);
-            reply(ctx, SendAck::refused(id.clone(), code, text));
+            let seq = ready.pipeline.open();
+            let ack = SendAck::refused(id.clone(), code, text);
+            for text in ready.pipeline.fill(seq, super::frame_text(ack)) {
+                ctx.text(text);
+            }
         };
         let limits = &self.shared.config.limits;
         if send.nonce.len() + send.ciphertext.len() + send.target_spec.len()
@@ -68,9 +67,11 @@ impl Io {
         if let Err(e) = send.check_bounds() {
             return refuse(ctx, ErrorCode::Invalid, &e);
         }
-        let cfg = self.shared.config.clone();
+        let cfg = &self.shared.config;
         let msg = NewMessage {
-            id: Uuid::new_v4(),
+            // Time-ordered: new rows land at the right edge of the
+            // primary key's index instead of on random pages.
+            id: Uuid::now_v7(),
             mesh_id: ready.mesh_id.0,
             sender_member_id: ready.member.id,
             sender_session_pubkey: ready.session_pubkey.clone(),
@@ -86,125 +87,77 @@ impl Io {
             request_fingerprint: send.request_fingerprint,
             expires_at: chrono::Utc::now() + cfg.delivery.message_ttl.chrono(),
         };
-        let pool = self.shared.pool.clone();
-        let sender = MemberId(ready.member.id);
-        let mesh_id = ready.mesh_id;
-        let fut = async move {
-            let mut conn = pool.get().await.map_err(unavailable)?;
-            let recipients = recipients(&mut conn, &target, mesh_id, sender)
-                .await
-                .map_err(unavailable)?;
-            let Some(recipients) = recipients else {
-                return Err((
-                    ErrorCode::NotFound,
-                    format!(
-                        "unknown target: no member or session {} in this mesh",
-                        msg.target_spec
-                    ),
-                ));
-            };
-            let members: Vec<MemberId> = recipients.iter().map(|r| MemberId(r.member_id)).collect();
-            let outcome = queries::store_message(
-                &mut conn,
-                msg,
-                recipients,
-                cfg.delivery.dedupe_window.get(),
-            )
-            .await
-            .map_err(unavailable)?;
-            Ok((outcome, members))
+        let target_spec = msg.target_spec.clone();
+        let store = Store {
+            msg,
+            target,
+            sender: MemberId(ready.member.id),
         };
-        // `wait`: this connection's sends are stored in the order sent.
-        ctx.wait(
-            actix::fut::wrap_future::<_, WsSession>(fut).map(move |result, act, ctx| {
-                let metrics = act.io.metrics();
-                let ack = match result {
-                    Ok((
-                        SendOutcome::Stored {
-                            message_id,
-                            recipients,
-                        },
-                        members,
-                    )) => {
-                        metrics.message_accepted(priority.as_str());
-                        act.io.registry.do_send(registry::WakeMembers(members));
-                        SendAck::stored(id, message_id.to_string(), recipients)
-                    }
-                    Ok((
-                        SendOutcome::Duplicate {
-                            message_id,
-                            recipients,
-                        },
-                        _,
-                    )) => SendAck::duplicate(id, message_id.to_string(), recipients),
-                    Ok((SendOutcome::KeyReused, _)) => {
-                        let code = ErrorCode::IdempotencyKeyReused;
-                        metrics.message_rejected(code);
-                        SendAck::refused(
-                            id,
-                            code,
-                            "invalid reuse: client_message_id was used for a different request",
-                        )
-                    }
-                    Ok((SendOutcome::SenderRevoked, _)) => {
-                        metrics.message_rejected(ErrorCode::Forbidden);
-                        SendAck::refused(id, ErrorCode::Forbidden, "this member was revoked")
-                    }
-                    Err((code, text)) => {
-                        metrics.message_rejected(code);
-                        SendAck::refused(id, code, &text)
-                    }
-                };
-                reply(ctx, ack);
-            }),
+        let seq = ready.pipeline.open();
+        let full = ready.pipeline.in_flight() >= limits.send_window as usize;
+        let fut = actix::fut::wrap_future::<_, WsSession>(self.writer.send(Submit(store))).map(
+            move |result, act, ctx| {
+                let ack = ack_for(act.io.metrics(), id, priority, &target_spec, result);
+                act.answered(seq, ack, ctx);
+            },
         );
+        // A full window stops this connection's reading until the newest
+        // store is answered (the writer answers in order, so the others
+        // are too): back-pressure through TCP instead of a refusal.
+        if full {
+            ctx.wait(fut);
+        } else {
+            ctx.spawn(fut);
+        }
     }
 }
 
-/// Who receives a send to `target`; `None` when a pubkey target was never
-/// known in this mesh.
-async fn recipients(
-    conn: &mut crate::db::PgConn,
-    target: &Target,
-    mesh_id: MeshId,
-    sender: MemberId,
-) -> diesel::QueryResult<Option<Vec<Recipient>>> {
-    let direct = |member_id: Uuid, key: Option<String>| Some(vec![Recipient { member_id, key }]);
-    match target {
-        Target::Pubkey(pk) => {
-            if let Some(m) = queries::member_by_pubkey(conn, mesh_id.0, pk).await? {
-                return Ok(direct(m.id, None));
-            }
-            Ok(queries::member_of_session(conn, mesh_id.0, pk)
-                .await?
-                .and_then(|member_id| direct(member_id, Some(pk.clone()))))
+/// The answer to a send, from what the writer made of it.
+fn ack_for(
+    metrics: &Metrics,
+    id: String,
+    priority: Priority,
+    target_spec: &str,
+    result: Result<Result<Stored, WriteError>, MailboxError>,
+) -> SendAck {
+    let refused = |code: ErrorCode, text: &str| {
+        metrics.message_rejected(code);
+        SendAck::refused(id.clone(), code, text)
+    };
+    match result {
+        Ok(Ok(Stored::Outcome(SendOutcome::Stored {
+            message_id,
+            recipients,
+        }))) => {
+            metrics.message_accepted(priority.as_str());
+            SendAck::stored(id, message_id.to_string(), recipients)
         }
-        Target::All | Target::Group(_) => {
-            let rows = queries::listed_presence(conn, mesh_id.0).await?;
-            let groups: Vec<Vec<Group>> = rows
-                .iter()
-                .map(|r| serde_json::from_value(r.groups.clone()).unwrap_or_default())
-                .collect();
-            let listed: Vec<Listed<'_>> = rows
-                .iter()
-                .zip(&groups)
-                .map(|(r, groups)| Listed {
-                    member_id: MemberId(r.member_id),
-                    role: r.role,
-                    session_pubkey: r.session_pubkey.as_deref(),
-                    session_id: &r.session_id,
-                    groups,
-                })
-                .collect();
-            Ok(Some(
-                routing::broadcast_recipients(&listed, sender, target)
-                    .into_iter()
-                    .map(|r| Recipient {
-                        member_id: r.member_id.0,
-                        key: r.key,
-                    })
-                    .collect(),
-            ))
+        Ok(Ok(Stored::Outcome(SendOutcome::Duplicate {
+            message_id,
+            recipients,
+        }))) => SendAck::duplicate(id, message_id.to_string(), recipients),
+        Ok(Ok(Stored::Outcome(SendOutcome::KeyReused))) => refused(
+            ErrorCode::IdempotencyKeyReused,
+            "invalid reuse: client_message_id was used for a different request",
+        ),
+        Ok(Ok(Stored::Outcome(SendOutcome::SenderRevoked))) => {
+            refused(ErrorCode::Forbidden, "this member was revoked")
+        }
+        Ok(Ok(Stored::UnknownTarget)) => refused(
+            ErrorCode::NotFound,
+            &format!("unknown target: no member or session {target_spec} in this mesh"),
+        ),
+        Ok(Err(_)) | Err(_) => refused(ErrorCode::Unavailable, "database unavailable, retry"),
+    }
+}
+
+impl WsSession {
+    /// Send `seq` was answered: write every answer now due, in order.
+    fn answered(&mut self, seq: u64, ack: SendAck, ctx: &mut Ctx) {
+        if let super::State::Ready(ready) = &mut self.state {
+            for text in ready.pipeline.fill(seq, super::frame_text(ack)) {
+                ctx.text(text);
+            }
         }
     }
 }

@@ -12,10 +12,12 @@ mod members;
 mod messages;
 mod presence;
 mod queue;
+mod store;
 mod sweep;
 
 pub use members::*;
 pub use messages::*;
 pub use presence::*;
 pub use queue::*;
+pub use store::*;
 pub use sweep::*;

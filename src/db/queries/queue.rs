@@ -1,5 +1,6 @@
 //! Delivery: claim, ack, nack, lease extension and the releases.
 
+use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
@@ -18,6 +19,9 @@ use crate::ids::{ClaimId, MemberId, MessageId, NodeId, PresenceId, Priority, Sta
 /// A delivery claimed for one connection, with what its push needs.
 #[derive(Debug, Clone, QueryableByName)]
 pub struct Claimed {
+    /// The connection it was claimed for.
+    #[diesel(sql_type = SqlUuid)]
+    pub presence_id: Uuid,
     #[diesel(sql_type = Int8)]
     pub id: i64,
     #[diesel(sql_type = SqlUuid)]
@@ -73,34 +77,58 @@ pub struct ClaimSpec<'a> {
     pub max_attempts: i32,
 }
 
-/// Claims up to `limit` deliveries for one connection, oldest first, in one
-/// statement: rows locked by another claimer are skipped, leases run out
-/// are taken over, and the status gate is read from the connection's
-/// presence row.
+/// Claims up to `limit` deliveries for one connection, oldest first.
 pub async fn claim(conn: &mut Conn, spec: &ClaimSpec<'_>) -> QueryResult<Vec<Claimed>> {
+    let mut all = claim_many(conn, std::slice::from_ref(spec)).await?;
+    Ok(all.pop().unwrap_or_default())
+}
+
+/// Claims for many connections (of one drain, or of every drain that
+/// claims at this moment) in one statement: for each spec, up to its
+/// `limit` deliveries, oldest first; rows locked by another claimer are
+/// skipped, leases run out are taken over, and the status gate is read
+/// from each connection's presence row. One result per spec, in order.
+/// `lease`, `node_id` and `max_attempts` are the broker's and are taken
+/// from the first spec.
+pub async fn claim_many(
+    conn: &mut Conn,
+    specs: &[ClaimSpec<'_>],
+) -> QueryResult<Vec<Vec<Claimed>>> {
     // Built once: the claim is the hottest statement.
     static CLAIM: LazyLock<String> = LazyLock::new(|| {
         format!(
-            "WITH picked AS (
-                SELECT q.id FROM mesh.message_queue q
-                WHERE q.recipient_member_id = $1
-                  AND {claimable}
-                  AND NOT EXISTS (SELECT 1 FROM mesh.member r WHERE r.id = $1 AND r.revoked_at IS NOT NULL)
-                  AND ((q.recipient_key IS NULL AND $4) OR q.recipient_key = $3)
-                  AND (q.priority = '{now}' OR EXISTS (
-                        SELECT 1 FROM mesh.presence p WHERE p.id = $2 AND p.status = '{idle}'))
-                ORDER BY q.created_at, q.id
-                LIMIT $5
-                FOR UPDATE OF q SKIP LOCKED
+            "WITH spec AS (
+                SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bool[], $5::int8[])
+                    AS s(member_id, presence_id, key, member_wide, lim)
+             ), picked AS (
+                -- DISTINCT: two specs of one member never share a row
+                -- (their keys differ), but a row taken twice would be
+                -- claimed for one and pushed to both.
+                SELECT DISTINCT ON (c.id) c.id, s.presence_id
+                  FROM spec s CROSS JOIN LATERAL (
+                    SELECT q.id FROM mesh.message_queue q
+                     WHERE q.recipient_member_id = s.member_id
+                       AND {claimable}
+                       AND NOT EXISTS (SELECT 1 FROM mesh.member r
+                                        WHERE r.id = s.member_id AND r.revoked_at IS NOT NULL)
+                       AND ((q.recipient_key IS NULL AND s.member_wide) OR q.recipient_key = s.key)
+                       AND (q.priority = '{now}' OR EXISTS (
+                             SELECT 1 FROM mesh.presence p
+                              WHERE p.id = s.presence_id AND p.status = '{idle}'))
+                     ORDER BY q.created_at, q.id
+                     LIMIT s.lim
+                     FOR UPDATE OF q SKIP LOCKED
+                  ) c
              )
              UPDATE mesh.message_queue q
                 SET claimed_at = now(), claim_id = gen_random_uuid(),
                     claim_expires_at = now() + make_interval(secs => $6),
-                    claim_presence_id = $2, claim_node_id = $7, attempts = q.attempts + 1
+                    claim_presence_id = picked.presence_id, claim_node_id = $7,
+                    attempts = q.attempts + 1
                FROM picked, mesh.message m, mesh.member s
               WHERE q.id = picked.id AND m.id = q.message_id AND s.id = m.sender_member_id
-             RETURNING q.id, q.claim_id, q.attempts, q.created_at, q.claim_expires_at,
-                       m.id AS message_id, m.mesh_id, m.sender_member_id,
+             RETURNING picked.presence_id, q.id, q.claim_id, q.attempts, q.created_at,
+                       q.claim_expires_at, m.id AS message_id, m.mesh_id, m.sender_member_id,
                        s.pubkey AS sender_member_pubkey, m.sender_session_pubkey, m.sender_name,
                        m.target_spec, m.priority, m.nonce, m.ciphertext, m.reply_to_id,
                        m.mentions, m.client_message_id, m.request_fingerprint",
@@ -109,19 +137,34 @@ pub async fn claim(conn: &mut Conn, spec: &ClaimSpec<'_>) -> QueryResult<Vec<Cla
             idle = Status::Idle.as_str(),
         )
     });
-    let mut rows: Vec<Claimed> = diesel::sql_query(CLAIM.as_str())
-        .bind::<SqlUuid, _>(spec.member_id.0)
-        .bind::<SqlUuid, _>(spec.presence_id.0)
-        .bind::<Text, _>(spec.key)
-        .bind::<Bool, _>(spec.member_wide)
-        .bind::<Int8, _>(spec.limit)
-        .bind::<Double, _>(secs(spec.lease))
-        .bind::<SqlUuid, _>(spec.node_id.0)
-        .bind::<Int4, _>(spec.max_attempts)
+    let Some(first) = specs.first() else {
+        return Ok(Vec::new());
+    };
+    let members: Vec<Uuid> = specs.iter().map(|s| s.member_id.0).collect();
+    let presences: Vec<Uuid> = specs.iter().map(|s| s.presence_id.0).collect();
+    let keys: Vec<&str> = specs.iter().map(|s| s.key).collect();
+    let wide: Vec<bool> = specs.iter().map(|s| s.member_wide).collect();
+    let limits: Vec<i64> = specs.iter().map(|s| s.limit).collect();
+    let rows: Vec<Claimed> = diesel::sql_query(CLAIM.as_str())
+        .bind::<Array<SqlUuid>, _>(&members)
+        .bind::<Array<SqlUuid>, _>(&presences)
+        .bind::<Array<Text>, _>(&keys)
+        .bind::<Array<Bool>, _>(&wide)
+        .bind::<Array<Int8>, _>(&limits)
+        .bind::<Double, _>(secs(first.lease))
+        .bind::<SqlUuid, _>(first.node_id.0)
+        .bind::<Int4, _>(first.max_attempts)
         .load(conn)
         .await?;
-    rows.sort_by_key(|r| (r.created_at, r.id));
-    Ok(rows)
+    let index: HashMap<Uuid, usize> = presences.iter().enumerate().map(|(i, p)| (*p, i)).collect();
+    let mut out: Vec<Vec<Claimed>> = vec![Vec::new(); specs.len()];
+    for row in rows {
+        out[index[&row.presence_id]].push(row);
+    }
+    for rows in &mut out {
+        rows.sort_by_key(|r| (r.created_at, r.id));
+    }
+    Ok(out)
 }
 
 /// A delivery a `client_ack` marked delivered.
@@ -133,33 +176,97 @@ pub struct Acked {
     pub created_at: DateTime<Utc>,
 }
 
-/// Marks delivered the asker's deliveries of one message, named by broker
-/// message id (which wins) or client message id. Only deliveries addressed
-/// to this member, unkeyed or keyed to this connection, are touched.
-pub async fn ack(
-    conn: &mut Conn,
-    member_id: MemberId,
-    key: &str,
-    broker_message_id: Option<MessageId>,
-    client_message_id: Option<&str>,
-) -> QueryResult<Vec<Acked>> {
-    diesel::sql_query(
-        "UPDATE mesh.message_queue q SET delivered_at = now()
-           FROM mesh.message m
-          WHERE m.id = q.message_id
-            AND q.recipient_member_id = $1
-            AND (q.recipient_key IS NULL OR q.recipient_key = $2)
-            AND q.delivered_at IS NULL
-            AND CASE WHEN $3::uuid IS NOT NULL THEN m.id = $3
-                     ELSE (m.client_message_id = $4 OR m.id::text = $4) END
-         RETURNING q.id, q.created_at",
-    )
-    .bind::<SqlUuid, _>(member_id.0)
-    .bind::<Text, _>(key)
-    .bind::<Nullable<SqlUuid>, _>(broker_message_id.map(|m| m.0))
-    .bind::<Nullable<Text>, _>(client_message_id)
-    .load(conn)
-    .await
+/// One `client_ack`: the asker (a member, through one of its connections)
+/// and the message it names, by broker message id (which wins) or client
+/// message id.
+#[derive(Debug, Clone)]
+pub struct AckSpec {
+    pub member_id: MemberId,
+    /// The connection's key: only deliveries addressed to this member,
+    /// unkeyed or keyed to this connection, are touched.
+    pub key: String,
+    pub broker_message_id: Option<MessageId>,
+    pub client_message_id: Option<String>,
+}
+
+#[derive(QueryableByName)]
+struct AckedRow {
+    #[diesel(sql_type = Int8)]
+    i: i64,
+    #[diesel(sql_type = Int8)]
+    id: i64,
+    #[diesel(sql_type = Timestamptz)]
+    created_at: DateTime<Utc>,
+}
+
+/// Marks delivered what each ack names, in two statements whatever the
+/// number of acks (one for acks by broker id, one for acks by client id).
+/// One result per ack, in order.
+pub async fn ack_many(conn: &mut Conn, acks: &[AckSpec]) -> QueryResult<Vec<Vec<Acked>>> {
+    let mut out: Vec<Vec<Acked>> = vec![Vec::new(); acks.len()];
+    let (by_broker, by_client): (Vec<usize>, Vec<usize>) =
+        (0..acks.len()).partition(|&i| acks[i].broker_message_id.is_some());
+    let members =
+        |which: &[usize]| -> Vec<Uuid> { which.iter().map(|&i| acks[i].member_id.0).collect() };
+    let keys =
+        |which: &[usize]| -> Vec<&str> { which.iter().map(|&i| acks[i].key.as_str()).collect() };
+    if !by_broker.is_empty() {
+        let ids: Vec<Uuid> = by_broker
+            .iter()
+            .map(|&i| acks[i].broker_message_id.map(|m| m.0).unwrap_or_default())
+            .collect();
+        let rows: Vec<AckedRow> = diesel::sql_query(
+            "UPDATE mesh.message_queue q SET delivered_at = now()
+               FROM unnest($1::uuid[], $2::text[], $3::uuid[]) WITH ORDINALITY
+                    AS a(member_id, key, message_id, i)
+              WHERE q.message_id = a.message_id
+                AND q.recipient_member_id = a.member_id
+                AND (q.recipient_key IS NULL OR q.recipient_key = a.key)
+                AND q.delivered_at IS NULL
+             RETURNING a.i, q.id, q.created_at",
+        )
+        .bind::<Array<SqlUuid>, _>(members(&by_broker))
+        .bind::<Array<Text>, _>(keys(&by_broker))
+        .bind::<Array<SqlUuid>, _>(&ids)
+        .load(conn)
+        .await?;
+        for r in rows {
+            out[by_broker[r.i as usize - 1]].push(Acked {
+                id: r.id,
+                created_at: r.created_at,
+            });
+        }
+    }
+    if !by_client.is_empty() {
+        let ids: Vec<&str> = by_client
+            .iter()
+            .map(|&i| acks[i].client_message_id.as_deref().unwrap_or(""))
+            .collect();
+        let rows: Vec<AckedRow> = diesel::sql_query(
+            "UPDATE mesh.message_queue q SET delivered_at = now()
+               FROM mesh.message m,
+                    unnest($1::uuid[], $2::text[], $3::text[]) WITH ORDINALITY
+                    AS a(member_id, key, client_id, i)
+              WHERE m.id = q.message_id
+                AND q.recipient_member_id = a.member_id
+                AND (q.recipient_key IS NULL OR q.recipient_key = a.key)
+                AND q.delivered_at IS NULL
+                AND (m.client_message_id = a.client_id OR m.id::text = a.client_id)
+             RETURNING a.i, q.id, q.created_at",
+        )
+        .bind::<Array<SqlUuid>, _>(members(&by_client))
+        .bind::<Array<Text>, _>(keys(&by_client))
+        .bind::<Array<Text>, _>(&ids)
+        .load(conn)
+        .await?;
+        for r in rows {
+            out[by_client[r.i as usize - 1]].push(Acked {
+                id: r.id,
+                created_at: r.created_at,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// A delivery given back (nack) or whose lease was extended (in_progress).
