@@ -27,6 +27,9 @@ pub enum ActorKind {
     Acker,
 }
 
+/// The actors that run batched rounds.
+const BATCHING: [ActorKind; 3] = [ActorKind::Writer, ActorKind::Claimer, ActorKind::Acker];
+
 /// Number of [`ActorKind`]s: the size of every per-kind series.
 const KINDS: usize = 8;
 
@@ -161,6 +164,8 @@ pub struct Metrics {
     /// Rounds run by the batching actors, and the requests they carried.
     batches: [AtomicU64; KINDS],
     batched_requests: [AtomicU64; KINDS],
+    /// Time those rounds took, in microseconds.
+    batch_micros: [AtomicU64; KINDS],
     /// Rows the janitor deleted, by table (see [`RetentionTable`]).
     retention_deleted: [AtomicU64; 3],
     pub janitor_runs: AtomicU64,
@@ -247,6 +252,7 @@ impl Metrics {
             actor_restarts: Default::default(),
             batches: Default::default(),
             batched_requests: Default::default(),
+            batch_micros: Default::default(),
             retention_deleted: Default::default(),
             janitor_runs: AtomicU64::new(0),
             embedded_postgres_restarts: AtomicU64::new(0),
@@ -299,6 +305,10 @@ impl Metrics {
     pub fn batch_run(&self, kind: ActorKind, requests: usize) {
         self.batches[kind as usize].fetch_add(1, Relaxed);
         self.batched_requests[kind as usize].fetch_add(requests as u64, Relaxed);
+    }
+    /// A round of a batching actor ended after `seconds`.
+    pub fn batch_done(&self, kind: ActorKind, seconds: f64) {
+        self.batch_micros[kind as usize].fetch_add((seconds * 1e6) as u64, Relaxed);
     }
     pub fn actor_restarted(&self, kind: ActorKind) {
         self.actor_restarts[kind as usize].fetch_add(1, Relaxed);
@@ -501,8 +511,20 @@ impl Metrics {
                 &self.batched_requests,
             ),
         ] {
-            let batching = [ActorKind::Writer, ActorKind::Claimer, ActorKind::Acker];
-            per_kind_counter(&mut out, name, help, values, batching.iter());
+            per_kind_counter(&mut out, name, help, values, BATCHING.iter());
+        }
+        let name = "meshbroker_batch_seconds_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time the batching actors' rounds took, by kind: its rate is how busy each is (1 = always running a round).\n# TYPE {name} counter"
+        );
+        for k in BATCHING {
+            let _ = writeln!(
+                out,
+                "{name}{{kind=\"{}\"}} {}",
+                k.label(),
+                self.batch_micros[k as usize].load(Relaxed) as f64 / 1e6
+            );
         }
         let _ = writeln!(
             out,

@@ -118,6 +118,7 @@ impl<J: Job> Batcher<J> {
         let (inputs, replies): (Vec<J::In>, Vec<_>) =
             batch.into_iter().map(|p| (p.input, p.reply)).unzip();
         let round = self.job.run(self.shared.clone(), inputs);
+        let began = std::time::Instant::now();
         let fut = async move {
             match round.await {
                 Ok(outs) => {
@@ -134,6 +135,7 @@ impl<J: Job> Batcher<J> {
                     }
                 }
             }
+            metrics.batch_done(J::KIND, began.elapsed().as_secs_f64());
         };
         ctx.spawn(fut.into_actor(self).map(|(), act, ctx| {
             act.running = false;

@@ -19,6 +19,7 @@
 //! - [`stats`]: latency percentiles.
 
 mod args;
+mod batches;
 mod load;
 mod local;
 mod procstat;
@@ -123,6 +124,7 @@ async fn workload(
         .as_ref()
         .map(|l| procstat::Monitor::start(l.pid(), l.pgdata()));
     let bench_cpu = procstat::self_cpu_secs();
+    let batches_before = batches::snapshot(&target.ws_url).await;
     let mut report = Report::new(args, &target.ws_url);
     if let Some(local) = &target.local {
         report.durability = Some(local.durability.clone());
@@ -154,6 +156,9 @@ async fn workload(
         report.postgres = postgres;
     }
     report.bench_cpu_s = procstat::self_cpu_secs() - bench_cpu;
+    if let (Some(before), Some(after)) = (batches_before, batches::snapshot(&target.ws_url).await) {
+        report.batches = batches::between(&before, &after);
+    }
     Ok(report)
 }
 

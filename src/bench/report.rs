@@ -69,6 +69,8 @@ pub struct Report {
     pub postgres: Option<Usage>,
     /// CPU the load generator itself used.
     pub bench_cpu_s: f64,
+    /// The broker's batching actors over the run (from its `/metrics`).
+    pub batches: super::batches::Snapshot,
 }
 
 impl Report {
@@ -118,6 +120,7 @@ impl Report {
             broker: None,
             postgres: None,
             bench_cpu_s: 0.0,
+            batches: Default::default(),
         }
     }
 
@@ -238,6 +241,26 @@ impl Report {
             );
         }
         let _ = writeln!(w, "  bench         CPU {:.2} s", self.bench_cpu_s);
+        for (kind, b) in &self.batches {
+            if b.rounds <= 0.0 {
+                continue;
+            }
+            let busy = if self.wall_s > 0.0 {
+                format!(
+                    ", busy {:.0} % of the wall time",
+                    b.busy_s * 100.0 / self.wall_s
+                )
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                w,
+                "  {kind:<13} {:.0} rounds of {:.1} requests, {:.2} ms each{busy}",
+                b.rounds,
+                b.requests / b.rounds,
+                b.busy_s * 1e3 / b.rounds
+            );
+        }
         if self.error_count > 0 {
             let _ = writeln!(w, "  errors        {}", self.error_count);
             for e in &self.errors {

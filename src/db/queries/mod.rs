@@ -7,6 +7,7 @@
 //! One file per section; everything is re-exported here, so callers write
 //! `crate::db::queries::x` whichever file `x` lives in.
 
+mod cached;
 mod common;
 mod members;
 mod messages;

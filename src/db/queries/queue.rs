@@ -12,6 +12,7 @@ use diesel_async::RunQueryDsl;
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::cached::cached;
 use super::common::{secs, Conn};
 use crate::db::rules::{claimable, CLAIM_RESET};
 use crate::ids::{ClaimId, MemberId, MessageId, NodeId, PresenceId, Priority, Status};
@@ -145,7 +146,7 @@ pub async fn claim_many(
     let keys: Vec<&str> = specs.iter().map(|s| s.key).collect();
     let wide: Vec<bool> = specs.iter().map(|s| s.member_wide).collect();
     let limits: Vec<i64> = specs.iter().map(|s| s.limit).collect();
-    let rows: Vec<Claimed> = diesel::sql_query(CLAIM.as_str())
+    let rows: Vec<Claimed> = cached(CLAIM.as_str())
         .bind::<Array<SqlUuid>, _>(&members)
         .bind::<Array<SqlUuid>, _>(&presences)
         .bind::<Array<Text>, _>(&keys)
@@ -215,11 +216,11 @@ pub async fn ack_many(conn: &mut Conn, acks: &[AckSpec]) -> QueryResult<Vec<Vec<
             .iter()
             .map(|&i| acks[i].broker_message_id.map(|m| m.0).unwrap_or_default())
             .collect();
-        let rows: Vec<AckedRow> = diesel::sql_query(
+        let rows: Vec<AckedRow> = cached(
             "UPDATE mesh.message_queue q SET delivered_at = now()
                FROM unnest($1::uuid[], $2::text[], $3::uuid[]) WITH ORDINALITY
                     AS a(member_id, key, message_id, i)
-              WHERE q.message_id = a.message_id
+              WHERE q.message_id = ANY($3) AND q.message_id = a.message_id
                 AND q.recipient_member_id = a.member_id
                 AND (q.recipient_key IS NULL OR q.recipient_key = a.key)
                 AND q.delivered_at IS NULL
@@ -242,7 +243,7 @@ pub async fn ack_many(conn: &mut Conn, acks: &[AckSpec]) -> QueryResult<Vec<Vec<
             .iter()
             .map(|&i| acks[i].client_message_id.as_deref().unwrap_or(""))
             .collect();
-        let rows: Vec<AckedRow> = diesel::sql_query(
+        let rows: Vec<AckedRow> = cached(
             "UPDATE mesh.message_queue q SET delivered_at = now()
                FROM mesh.message m,
                     unnest($1::uuid[], $2::text[], $3::text[]) WITH ORDINALITY

@@ -15,6 +15,7 @@ use diesel::sql_types::{
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use super::cached::cached;
 use super::common::{secs, Conn};
 use super::messages::{NewMessage, Recipient, SendOutcome};
 use crate::ids::{MeshId, Role};
@@ -78,7 +79,7 @@ pub async fn store_batch(
         let mut senders: Vec<Uuid> = sends.iter().map(|s| s.msg.sender_member_id).collect();
         senders.sort_unstable();
         senders.dedup();
-        let revoked: Vec<IdRow> = diesel::sql_query(
+        let revoked: Vec<IdRow> = cached(
             "SELECT id FROM mesh.member WHERE id = ANY($1) AND revoked_at IS NOT NULL",
         )
         .bind::<Array<SqlUuid>, _>(&senders)
@@ -113,7 +114,7 @@ pub async fn store_batch(
         // clock, which stamped `created_at`).
         let (key_senders, keys): (Vec<Uuid>, Vec<&str>) = leader_of.keys().copied().unzip();
         if !keys.is_empty() {
-            diesel::sql_query(
+            cached(
                 "UPDATE mesh.message m SET dedupe_key = NULL
                    FROM unnest($1::uuid[], $2::text[]) AS k(sender, key)
                   WHERE m.sender_member_id = k.sender AND m.dedupe_key = k.key
@@ -142,7 +143,7 @@ pub async fn store_batch(
                 .map(|&i| sends[i].msg.dedupe_key.as_deref().unwrap_or(""))
                 .collect();
             let idx: Vec<i32> = taken.iter().map(|&i| i as i32).collect();
-            let existing: Vec<Existing> = diesel::sql_query(
+            let existing: Vec<Existing> = cached(
                 "SELECT k.i, m.id, m.request_fingerprint,
                         (SELECT count(*) FROM mesh.message_queue q WHERE q.message_id = m.id) AS recipients
                    FROM unnest($1::uuid[], $2::text[], $3::int4[]) AS k(sender, key, i)
@@ -203,7 +204,7 @@ pub async fn store_batch(
             // Inserted in the batch's order: `id` (the claim's tie-break
             // after `created_at`, equal within one transaction) keeps each
             // connection's sends in the order sent.
-            diesel::sql_query(
+            cached(
                 "INSERT INTO mesh.message_queue
                         (message_id, mesh_id, recipient_member_id, recipient_key, priority,
                          created_at, expires_at)
@@ -259,7 +260,7 @@ async fn insert_messages(
     let mentions: Vec<Option<&serde_json::Value>> =
         which.iter().map(|i| m(i).mentions.as_ref()).collect();
     let expires: Vec<_> = which.iter().map(|i| m(i).expires_at).collect();
-    let rows: Vec<IdRow> = diesel::sql_query(
+    let rows: Vec<IdRow> = cached(
         "INSERT INTO mesh.message
                 (id, mesh_id, sender_member_id, sender_session_pubkey, sender_name, target_spec,
                  priority, nonce, ciphertext, reply_to_id, mentions, client_message_id,
@@ -317,7 +318,7 @@ pub async fn resolve_pubkeys(
     }
     let meshes: Vec<Uuid> = targets.iter().map(|t| t.0 .0).collect();
     let keys: Vec<&str> = targets.iter().map(|t| t.1).collect();
-    let members: Vec<Resolved> = diesel::sql_query(
+    let members: Vec<Resolved> = cached(
         "SELECT t.i, m.id AS member_id
            FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS t(mesh, pk, i)
            JOIN mesh.member m ON m.mesh_id = t.mesh AND m.pubkey = t.pk",
@@ -338,7 +339,7 @@ pub async fn resolve_pubkeys(
     }
     let meshes: Vec<Uuid> = rest.iter().map(|&i| targets[i].0 .0).collect();
     let keys: Vec<&str> = rest.iter().map(|&i| targets[i].1).collect();
-    let sessions: Vec<Resolved> = diesel::sql_query(
+    let sessions: Vec<Resolved> = cached(
         "SELECT DISTINCT ON (t.i) t.i, p.member_id
            FROM unnest($1::uuid[], $2::text[]) WITH ORDINALITY AS t(mesh, pk, i)
            JOIN mesh.presence p ON p.mesh_id = t.mesh AND p.session_pubkey = t.pk
