@@ -6,15 +6,12 @@
 //! drains that asked during the last round as one `UPDATE`. Likewise each
 //! ack is the drain's, answered with what it marked delivered.
 //!
-//! Both commit with `synchronous_commit = off`: a claim or an ack lost to a
-//! PostgreSQL crash (the last few hundred milliseconds of them) only makes
-//! a delivery eligible again, and at-least-once delivery already allows
-//! that repeat (docs/reliability.md). A send's store, which `queued:true`
-//! promises, is never committed this way.
+//! Each round is one statement in a transaction of its own (one round
+//! trip). Its commit waits for the WAL flush like any other; PostgreSQL
+//! flushes the commits of concurrent rounds together.
 
 use std::sync::Arc;
 
-use diesel_async::{AsyncConnection, SimpleAsyncConnection};
 use futures_util::future::LocalBoxFuture;
 use futures_util::FutureExt;
 
@@ -34,10 +31,6 @@ pub enum BatchFailed {
     #[error("the batcher stopped before answering")]
     Stopped,
 }
-
-/// `SET LOCAL` for a transaction whose commit need not wait for the WAL
-/// flush (see the module's comment).
-const RELAXED: &str = "SET LOCAL synchronous_commit = off";
 
 /// One drain's claim pass: its member and what each connection may take.
 pub struct ClaimPass {
@@ -85,12 +78,7 @@ impl Job for ClaimJob {
                 })
                 .collect();
             let mut conn = shared.pool.get().await?;
-            let rows = conn
-                .transaction::<_, diesel::result::Error, _>(async |conn| {
-                    conn.batch_execute(RELAXED).await?;
-                    queries::claim_many(conn, &specs).await
-                })
-                .await?;
+            let rows = queries::claim_many(&mut conn, &specs).await?;
             let mut rows = rows.into_iter();
             Ok(passes
                 .iter()
@@ -128,12 +116,7 @@ impl Job for AckJob {
     ) -> LocalBoxFuture<'static, Result<Vec<Self::Out>, QueryError>> {
         async move {
             let mut conn = shared.pool.get().await?;
-            let rows = conn
-                .transaction::<_, diesel::result::Error, _>(async |conn| {
-                    conn.batch_execute(RELAXED).await?;
-                    queries::ack_many(conn, &acks).await
-                })
-                .await?;
+            let rows = queries::ack_many(&mut conn, &acks).await?;
             Ok(rows.into_iter().map(Ok).collect())
         }
         .boxed_local()

@@ -18,5 +18,6 @@ mod http;
 mod interop;
 mod isolation;
 mod lifecycle;
+mod pipeline;
 mod presence;
 mod process;

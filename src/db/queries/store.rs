@@ -1,12 +1,12 @@
-//! Storing many sends at once (the writer's group commit): a fixed handful
-//! of statements per batch, whatever its size, each taking arrays
-//! (`unnest`) instead of one row.
+//! Storing many sends at once (the writer's group commit): one statement
+//! per batch whatever its size (two or three more when sends carry
+//! idempotency keys), each taking arrays (`unnest`) instead of one row.
 //!
 //! Every send's outcome is what [`super::store_message`] would have given
 //! it alone, in the batch's order: sends with one idempotency key inside
 //! one batch are resolved as if the later came after the earlier's commit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use diesel::prelude::*;
 use diesel::sql_types::{
@@ -25,12 +25,6 @@ use crate::ids::{MeshId, Role};
 pub struct BatchSend {
     pub msg: NewMessage,
     pub recipients: Vec<Recipient>,
-}
-
-#[derive(QueryableByName)]
-struct IdRow {
-    #[diesel(sql_type = SqlUuid)]
-    id: Uuid,
 }
 
 #[derive(QueryableByName)]
@@ -64,38 +58,38 @@ fn follow(holder: &KeyHolder, fingerprint: &Option<String>) -> SendOutcome {
     }
 }
 
-/// Stores a batch of sends in one transaction; one outcome per send, in
-/// order. An `Err` means nothing of the batch was stored.
+/// Stores a batch of sends atomically; one outcome per send, in order. An
+/// `Err` means nothing of the batch was stored. A batch without
+/// idempotency keys is one statement (atomic without a transaction: two
+/// round trips fewer); with keys, its statements share a transaction.
 pub async fn store_batch(
     conn: &mut Conn,
     sends: &[BatchSend],
     dedupe_window: std::time::Duration,
 ) -> QueryResult<Vec<SendOutcome>> {
+    if sends.iter().all(|s| s.msg.dedupe_key.is_none()) {
+        return store_in(conn, sends, dedupe_window).await;
+    }
     conn.transaction::<_, diesel::result::Error, _>(async move |conn| {
+        store_in(conn, sends, dedupe_window).await
+    })
+    .await
+}
+
+async fn store_in(
+    conn: &mut Conn,
+    sends: &[BatchSend],
+    dedupe_window: std::time::Duration,
+) -> QueryResult<Vec<SendOutcome>> {
+    {
         let n = sends.len();
         let mut outcomes: Vec<Option<SendOutcome>> = vec![None; n];
-
-        // Revoked senders: nothing of theirs is stored.
-        let mut senders: Vec<Uuid> = sends.iter().map(|s| s.msg.sender_member_id).collect();
-        senders.sort_unstable();
-        senders.dedup();
-        let revoked: Vec<IdRow> = cached(
-            "SELECT id FROM mesh.member WHERE id = ANY($1) AND revoked_at IS NOT NULL",
-        )
-        .bind::<Array<SqlUuid>, _>(&senders)
-        .load(conn)
-        .await?;
-        let revoked: std::collections::HashSet<Uuid> = revoked.into_iter().map(|r| r.id).collect();
 
         // The first send of each (sender, key) leads; later ones follow it.
         let mut leader_of: HashMap<(Uuid, &str), usize> = HashMap::new();
         let mut followers: Vec<(usize, usize)> = Vec::new();
         let mut insert: Vec<usize> = Vec::with_capacity(n);
         for (i, s) in sends.iter().enumerate() {
-            if revoked.contains(&s.msg.sender_member_id) {
-                outcomes[i] = Some(SendOutcome::SenderRevoked);
-                continue;
-            }
             if let Some(key) = s.msg.dedupe_key.as_deref() {
                 match leader_of.entry((s.msg.sender_member_id, key)) {
                     std::collections::hash_map::Entry::Occupied(e) => {
@@ -127,7 +121,21 @@ pub async fn store_batch(
             .await?;
         }
 
-        let stored = insert_messages(conn, sends, &insert).await?;
+        let Written { stored, revoked } = write(conn, sends, &insert).await?;
+        // Nothing of a revoked sender is stored, followers included.
+        for (i, s) in sends.iter().enumerate() {
+            if revoked.contains(&s.msg.sender_member_id) {
+                outcomes[i] = Some(SendOutcome::SenderRevoked);
+            }
+        }
+        let insert: Vec<usize> = insert
+            .into_iter()
+            .filter(|&i| outcomes[i].is_none())
+            .collect();
+        let followers: Vec<(usize, usize)> = followers
+            .into_iter()
+            .filter(|&(i, _)| outcomes[i].is_none())
+            .collect();
 
         // Leads whose key was already taken by a stored message.
         let taken: Vec<usize> = insert
@@ -137,7 +145,10 @@ pub async fn store_batch(
             .collect();
         let mut holders: HashMap<usize, KeyHolder> = HashMap::new();
         if !taken.is_empty() {
-            let senders: Vec<Uuid> = taken.iter().map(|&i| sends[i].msg.sender_member_id).collect();
+            let senders: Vec<Uuid> = taken
+                .iter()
+                .map(|&i| sends[i].msg.sender_member_id)
+                .collect();
             let keys: Vec<&str> = taken
                 .iter()
                 .map(|&i| sends[i].msg.dedupe_key.as_deref().unwrap_or(""))
@@ -166,25 +177,10 @@ pub async fn store_batch(
             }
         }
 
-        // Deliveries of every message stored now.
-        let mut q_msg = Vec::new();
-        let mut q_mesh = Vec::new();
-        let mut q_member = Vec::new();
-        let mut q_key: Vec<Option<&str>> = Vec::new();
-        let mut q_priority: Vec<&str> = Vec::new();
-        let mut q_expires = Vec::new();
         for &i in &insert {
             let s = &sends[i];
             if !stored.contains(&s.msg.id) {
                 continue;
-            }
-            for r in &s.recipients {
-                q_msg.push(s.msg.id);
-                q_mesh.push(s.msg.mesh_id);
-                q_member.push(r.member_id);
-                q_key.push(r.key.as_deref());
-                q_priority.push(s.msg.priority.as_str());
-                q_expires.push(s.msg.expires_at);
             }
             let count = s.recipients.len() as u32;
             outcomes[i] = Some(SendOutcome::Stored {
@@ -200,29 +196,6 @@ pub async fn store_batch(
                 },
             );
         }
-        if !q_msg.is_empty() {
-            // Inserted in the batch's order: `id` (the claim's tie-break
-            // after `created_at`, equal within one transaction) keeps each
-            // connection's sends in the order sent.
-            cached(
-                "INSERT INTO mesh.message_queue
-                        (message_id, mesh_id, recipient_member_id, recipient_key, priority,
-                         created_at, expires_at)
-                 SELECT u.m, u.mesh, u.r, u.k, u.p, now(), u.e
-                   FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[],
-                               $6::timestamptz[]) WITH ORDINALITY AS u(m, mesh, r, k, p, e, ord)
-                  ORDER BY u.ord",
-            )
-            .bind::<Array<SqlUuid>, _>(&q_msg)
-            .bind::<Array<SqlUuid>, _>(&q_mesh)
-            .bind::<Array<SqlUuid>, _>(&q_member)
-            .bind::<Array<Nullable<Text>>, _>(&q_key)
-            .bind::<Array<Text>, _>(&q_priority)
-            .bind::<Array<Timestamptz>, _>(&q_expires)
-            .execute(conn)
-            .await?;
-        }
-
         for (i, lead) in followers {
             outcomes[i] = Some(match holders.get(&lead) {
                 Some(holder) => follow(holder, &sends[i].msg.request_fingerprint),
@@ -238,19 +211,35 @@ pub async fn store_batch(
             .into_iter()
             .collect::<Option<Vec<_>>>()
             .ok_or(diesel::result::Error::RollbackTransaction)
-    })
-    .await
+    }
 }
 
-/// Inserts the messages at `which`; returns the ids stored (a send whose
-/// idempotency key is held by a stored message is not).
-async fn insert_messages(
-    conn: &mut Conn,
-    sends: &[BatchSend],
-    which: &[usize],
-) -> QueryResult<std::collections::HashSet<Uuid>> {
+#[derive(QueryableByName)]
+struct WrittenRow {
+    /// `s`: a message stored; `r`: a revoked sender.
+    #[diesel(sql_type = Text)]
+    kind: String,
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+}
+
+/// What [`write`] did.
+struct Written {
+    /// Messages stored, with their deliveries. A send whose idempotency key
+    /// is held by a stored message is not.
+    stored: HashSet<Uuid>,
+    /// Senders of the batch that are revoked: nothing of theirs is stored.
+    revoked: HashSet<Uuid>,
+}
+
+/// Stores the messages at `which` and their deliveries in one statement,
+/// skipping revoked senders.
+async fn write(conn: &mut Conn, sends: &[BatchSend], which: &[usize]) -> QueryResult<Written> {
     if which.is_empty() {
-        return Ok(Default::default());
+        return Ok(Written {
+            stored: HashSet::new(),
+            revoked: HashSet::new(),
+        });
     }
     let m = |i: &usize| &sends[*i].msg;
     let col = |f: fn(&NewMessage) -> Uuid| which.iter().map(|i| f(m(i))).collect::<Vec<_>>();
@@ -260,21 +249,60 @@ async fn insert_messages(
     let mentions: Vec<Option<&serde_json::Value>> =
         which.iter().map(|i| m(i).mentions.as_ref()).collect();
     let expires: Vec<_> = which.iter().map(|i| m(i).expires_at).collect();
-    let rows: Vec<IdRow> = cached(
-        "INSERT INTO mesh.message
-                (id, mesh_id, sender_member_id, sender_session_pubkey, sender_name, target_spec,
-                 priority, nonce, ciphertext, reply_to_id, mentions, client_message_id,
-                 request_fingerprint, dedupe_key, expires_at)
-         SELECT u.id, u.mesh, u.sender, u.spk, u.name, u.target, u.priority, u.nonce, u.ct,
-                u.reply, u.mentions, u.cmid, u.fp, u.dk, u.exp
-           FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
-                       $7::text[], $8::text[], $9::text[], $10::text[], $11::jsonb[], $12::text[],
-                       $13::text[], $14::text[], $15::timestamptz[]) WITH ORDINALITY
-                AS u(id, mesh, sender, spk, name, target, priority, nonce, ct, reply, mentions,
-                     cmid, fp, dk, exp, ord)
-          ORDER BY u.ord
-         ON CONFLICT (sender_member_id, dedupe_key) DO NOTHING
-         RETURNING id",
+    let mut senders = col(|m| m.sender_member_id);
+    senders.sort_unstable();
+    senders.dedup();
+    // One row per delivery, in the batch's order: the queue's `id` (the
+    // claim's tie-break after `created_at`, equal within one statement)
+    // keeps each connection's sends in the order sent.
+    let mut q_msg = Vec::new();
+    let mut q_mesh = Vec::new();
+    let mut q_member = Vec::new();
+    let mut q_key: Vec<Option<&str>> = Vec::new();
+    let mut q_priority: Vec<&str> = Vec::new();
+    let mut q_expires = Vec::new();
+    for &i in which {
+        let s = &sends[i];
+        for r in &s.recipients {
+            q_msg.push(s.msg.id);
+            q_mesh.push(s.msg.mesh_id);
+            q_member.push(r.member_id);
+            q_key.push(r.key.as_deref());
+            q_priority.push(s.msg.priority.as_str());
+            q_expires.push(s.msg.expires_at);
+        }
+    }
+    let rows: Vec<WrittenRow> = cached(
+        "WITH revoked AS (
+            SELECT id FROM mesh.member WHERE id = ANY($16) AND revoked_at IS NOT NULL
+         ), stored AS (
+            INSERT INTO mesh.message
+                   (id, mesh_id, sender_member_id, sender_session_pubkey, sender_name, target_spec,
+                    priority, nonce, ciphertext, reply_to_id, mentions, client_message_id,
+                    request_fingerprint, dedupe_key, expires_at)
+            SELECT u.id, u.mesh, u.sender, u.spk, u.name, u.target, u.priority, u.nonce, u.ct,
+                   u.reply, u.mentions, u.cmid, u.fp, u.dk, u.exp
+              FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
+                          $7::text[], $8::text[], $9::text[], $10::text[], $11::jsonb[], $12::text[],
+                          $13::text[], $14::text[], $15::timestamptz[]) WITH ORDINALITY
+                   AS u(id, mesh, sender, spk, name, target, priority, nonce, ct, reply, mentions,
+                        cmid, fp, dk, exp, ord)
+             WHERE u.sender NOT IN (SELECT id FROM revoked)
+             ORDER BY u.ord
+            ON CONFLICT (sender_member_id, dedupe_key) DO NOTHING
+            RETURNING id
+         ), queued AS (
+            INSERT INTO mesh.message_queue
+                   (message_id, mesh_id, recipient_member_id, recipient_key, priority,
+                    created_at, expires_at)
+            SELECT q.m, q.mesh, q.r, q.k, q.p, now(), q.e
+              FROM unnest($17::uuid[], $18::uuid[], $19::uuid[], $20::text[], $21::text[],
+                          $22::timestamptz[]) WITH ORDINALITY AS q(m, mesh, r, k, p, e, ord)
+             WHERE q.m IN (SELECT id FROM stored)
+             ORDER BY q.ord
+         )
+         SELECT 's' AS kind, id FROM stored
+         UNION ALL SELECT 'r', id FROM revoked",
     )
     .bind::<Array<SqlUuid>, _>(col(|m| m.id))
     .bind::<Array<SqlUuid>, _>(col(|m| m.mesh_id))
@@ -291,9 +319,27 @@ async fn insert_messages(
     .bind::<Array<Nullable<Text>>, _>(opt(|m| m.request_fingerprint.as_deref()))
     .bind::<Array<Nullable<Text>>, _>(opt(|m| m.dedupe_key.as_deref()))
     .bind::<Array<Timestamptz>, _>(expires)
+    .bind::<Array<SqlUuid>, _>(senders)
+    .bind::<Array<SqlUuid>, _>(q_msg)
+    .bind::<Array<SqlUuid>, _>(q_mesh)
+    .bind::<Array<SqlUuid>, _>(q_member)
+    .bind::<Array<Nullable<Text>>, _>(q_key)
+    .bind::<Array<Text>, _>(q_priority)
+    .bind::<Array<Timestamptz>, _>(q_expires)
     .load(conn)
     .await?;
-    Ok(rows.into_iter().map(|r| r.id).collect())
+    let mut written = Written {
+        stored: HashSet::new(),
+        revoked: HashSet::new(),
+    };
+    for r in rows {
+        if r.kind == "r" {
+            written.revoked.insert(r.id);
+        } else {
+            written.stored.insert(r.id);
+        }
+    }
+    Ok(written)
 }
 
 #[derive(QueryableByName)]
