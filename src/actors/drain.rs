@@ -297,8 +297,9 @@ impl Drain {
     /// Gives back claims that were never written to a connection: their
     /// attempt is not counted (an attempt is a push the socket accepted).
     fn give_back_unpushed(&mut self, ctx: &mut Context<Self>, claims: Vec<ClaimId>) {
+        let member = self.member_id;
         self.spawn_release(ctx, "unpushed claims", async move |conn| {
-            queries::release_unpushed(conn, &claims).await
+            queries::release_unpushed(conn, member, &claims).await
         });
     }
 
@@ -308,8 +309,9 @@ impl Drain {
         if leaving == Leaving::Last {
             self.retiring = true;
         }
+        let member = self.member_id;
         self.spawn_release(ctx, "a closed connection's claims", async move |conn| {
-            queries::release_presence_claims(conn, presence_id).await
+            queries::release_presence_claims(conn, member, presence_id).await
         });
     }
 

@@ -762,7 +762,7 @@ async fn claims_never_pushed_are_given_back_without_using_an_attempt() {
     assert_eq!(attempts().await[0]["attempts"], 1);
     let ids: Vec<_> = first.iter().map(|r| ClaimId(r.claim_id)).collect();
     assert_eq!(
-        queries::release_unpushed(&mut conn, &ids)
+        queries::release_unpushed(&mut conn, spec.member_id, &ids)
             .await
             .expect("give back"),
         1
@@ -779,7 +779,7 @@ async fn claims_never_pushed_are_given_back_without_using_an_attempt() {
         "the given-back claim counted nothing"
     );
     assert_eq!(
-        queries::release_unpushed(&mut conn, &ids)
+        queries::release_unpushed(&mut conn, spec.member_id, &ids)
             .await
             .expect("give back"),
         0,

@@ -320,14 +320,25 @@ pub async fn extend_lease(
     .await
 }
 
-/// Releases every unacked claim one connection holds (it closed).
+/// Releases every unacked claim one connection of `member_id` holds (it
+/// closed). Found through the member's undelivered rows (the claim's
+/// index): the queue keeps no index on the claim's holder, which every
+/// claim would have to update.
 pub async fn release_presence_claims(
     conn: &mut Conn,
+    member_id: MemberId,
     presence_id: PresenceId,
 ) -> QueryResult<usize> {
-    static SQL: LazyLock<String> = LazyLock::new(|| release_where("claim_presence_id"));
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "UPDATE mesh.message_queue SET {CLAIM_RESET}
+              WHERE recipient_member_id = $2 AND claim_presence_id = $1
+                AND delivered_at IS NULL AND dead_at IS NULL"
+        )
+    });
     diesel::sql_query(SQL.as_str())
         .bind::<SqlUuid, _>(presence_id.0)
+        .bind::<SqlUuid, _>(member_id.0)
         .execute(conn)
         .await
 }
@@ -337,33 +348,39 @@ pub async fn release_presence_claims(
 /// close, and the attempt the claim counted is taken back, since an
 /// attempt is a push the socket accepted. Matched by claim id, so a
 /// delivery claimed again meanwhile is left alone.
-pub async fn release_unpushed(conn: &mut Conn, claim_ids: &[ClaimId]) -> QueryResult<usize> {
+/// Found, like a close's release, through the member's undelivered rows.
+pub async fn release_unpushed(
+    conn: &mut Conn,
+    member_id: MemberId,
+    claim_ids: &[ClaimId],
+) -> QueryResult<usize> {
     let claim_ids: Vec<Uuid> = claim_ids.iter().map(|c| c.0).collect();
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
             "UPDATE mesh.message_queue SET {CLAIM_RESET}, attempts = attempts - 1
-              WHERE claim_id = ANY($1) AND delivered_at IS NULL"
+              WHERE recipient_member_id = $2 AND claim_id = ANY($1)
+                AND delivered_at IS NULL AND dead_at IS NULL"
         )
     });
     diesel::sql_query(SQL.as_str())
         .bind::<Array<SqlUuid>, _>(&claim_ids)
+        .bind::<SqlUuid, _>(member_id.0)
         .execute(conn)
         .await
 }
 
 /// Releases every unacked claim this broker process holds (shutdown).
+/// Found among the leased rows (the sweeper's index).
 pub async fn release_node_claims(conn: &mut Conn, node_id: NodeId) -> QueryResult<usize> {
-    static SQL: LazyLock<String> = LazyLock::new(|| release_where("claim_node_id"));
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "UPDATE mesh.message_queue SET {CLAIM_RESET}
+              WHERE claim_expires_at IS NOT NULL AND delivered_at IS NULL
+                AND claim_node_id = $1"
+        )
+    });
     diesel::sql_query(SQL.as_str())
         .bind::<SqlUuid, _>(node_id.0)
         .execute(conn)
         .await
-}
-
-/// Clears every unacked claim whose `holder` column is `$1`.
-fn release_where(holder: &str) -> String {
-    format!(
-        "UPDATE mesh.message_queue SET {CLAIM_RESET}
-          WHERE {holder} = $1 AND delivered_at IS NULL"
-    )
 }
