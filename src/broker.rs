@@ -94,9 +94,7 @@ pub async fn start(
     let writer = Batcher::start_supervised(
         &batching.handle(),
         shared.clone(),
-        WriteJob {
-            wake: registry.clone().recipient(),
-        },
+        WriteJob::new(registry.clone().recipient()),
     );
     let mut arbiters = drain_threads;
     arbiters.push(batching);

@@ -55,7 +55,24 @@ pub enum WriteError {
 #[derive(Clone)]
 pub struct WriteJob {
     /// Told after each commit which members have new deliveries.
-    pub wake: actix::Recipient<WakeMembers>,
+    wake: actix::Recipient<WakeMembers>,
+    /// Member pubkey → member id, per mesh. A member's id never changes
+    /// and members are never deleted (only revoked, which the store checks),
+    /// so what was found once is true for good; a session key is not
+    /// cached (its connection may go).
+    members: Arc<std::sync::Mutex<HashMap<(MeshId, String), MemberId>>>,
+}
+
+/// Most pubkeys the writer remembers; past it, it starts over.
+const MEMBER_CACHE: usize = 100_000;
+
+impl WriteJob {
+    pub fn new(wake: actix::Recipient<WakeMembers>) -> Self {
+        WriteJob {
+            wake,
+            members: Default::default(),
+        }
+    }
 }
 
 pub type Writer = Batcher<WriteJob>;
@@ -73,10 +90,11 @@ impl Job for WriteJob {
         stores: Vec<Store>,
     ) -> LocalBoxFuture<'static, Result<Vec<Self::Out>, QueryError>> {
         let wake = self.wake.clone();
+        let members = self.members.clone();
         async move {
             let window = shared.config.delivery.dedupe_window.get();
             let mut conn = shared.pool.get().await?;
-            let targets = resolve(&mut conn, &stores).await?;
+            let targets = resolve(&mut conn, &members, &stores).await?;
             let mut sends = Vec::with_capacity(stores.len());
             let mut out: Vec<Option<Self::Out>> = Vec::with_capacity(stores.len());
             for (store, recipients) in stores.into_iter().zip(targets) {
@@ -149,21 +167,44 @@ async fn one_by_one(
 /// mesh's listed presence once per batch.
 async fn resolve(
     conn: &mut PgConn,
+    cache: &std::sync::Mutex<HashMap<(MeshId, String), MemberId>>,
     stores: &[Store],
 ) -> diesel::QueryResult<Vec<Option<Vec<Recipient>>>> {
     let mut out: Vec<Option<Vec<Recipient>>> = vec![None; stores.len()];
-    let pubkeys: Vec<(usize, MeshId, &str)> = stores
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| match &s.target {
-            Target::Pubkey(pk) => Some((i, MeshId(s.msg.mesh_id), pk.as_str())),
-            _ => None,
-        })
-        .collect();
-    let asked: Vec<(MeshId, &str)> = pubkeys.iter().map(|(_, m, pk)| (*m, *pk)).collect();
-    let found = queries::resolve_pubkeys(conn, &asked).await?;
-    for ((i, _, _), recipient) in pubkeys.iter().zip(found) {
-        out[*i] = recipient.map(|r| vec![r]);
+    let mut unknown: Vec<(usize, MeshId, &str)> = Vec::new();
+    {
+        let cache = cache.lock().expect("member cache");
+        for (i, s) in stores.iter().enumerate() {
+            let Target::Pubkey(pk) = &s.target else {
+                continue;
+            };
+            let mesh = MeshId(s.msg.mesh_id);
+            match cache.get(&(mesh, pk.clone())) {
+                Some(member) => {
+                    out[i] = Some(vec![Recipient {
+                        member_id: member.0,
+                        key: None,
+                    }])
+                }
+                None => unknown.push((i, mesh, pk.as_str())),
+            }
+        }
+    }
+    if !unknown.is_empty() {
+        let asked: Vec<(MeshId, &str)> = unknown.iter().map(|(_, m, pk)| (*m, *pk)).collect();
+        let found = queries::resolve_pubkeys(conn, &asked).await?;
+        let mut cache = cache.lock().expect("member cache");
+        if cache.len() > MEMBER_CACHE {
+            cache.clear();
+        }
+        for ((i, mesh, pk), recipient) in unknown.iter().zip(found) {
+            if let Some(r) = &recipient {
+                if r.key.is_none() {
+                    cache.insert((*mesh, pk.to_string()), MemberId(r.member_id));
+                }
+            }
+            out[*i] = recipient.map(|r| vec![r]);
+        }
     }
     let mut listed: HashMap<MeshId, Vec<queries::PeerRow>> = HashMap::new();
     for (i, s) in stores.iter().enumerate() {
