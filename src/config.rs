@@ -215,7 +215,7 @@ impl Default for LimitsConfig {
             max_message_bytes: 65_536,
             send_burst: 200,
             send_per_sec: 100,
-            send_window: 256,
+            send_window: 64,
             max_connections_per_mesh: 1000,
             hello_skew: Dur::secs(60),
             hello_timeout: Dur::secs(10),
