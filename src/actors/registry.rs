@@ -102,9 +102,81 @@ fn system_event(
     serde_json::to_string(&push).expect("push serializes")
 }
 
+/// Who is connected where, so that a hello and a close look at the
+/// connections that can matter to them instead of at every connection of
+/// this broker (a mesh of thousands made each hello and close a scan of
+/// them all). Changed only together with `Registry::conns`.
+#[derive(Default)]
+struct ConnIndex {
+    by_mesh: HashMap<MeshId, HashSet<PresenceId>>,
+    by_member: HashMap<MemberId, HashSet<PresenceId>>,
+    /// `session` connections by mesh and session pubkey (which they
+    /// always have).
+    sessions: HashMap<(MeshId, String), HashSet<PresenceId>>,
+}
+
+impl ConnIndex {
+    fn session_key(c: &ConnEntry) -> Option<(MeshId, String)> {
+        match (c.role, &c.session_pubkey) {
+            (Role::Session, Some(k)) => Some((c.mesh_id, k.clone())),
+            _ => None,
+        }
+    }
+
+    fn insert(&mut self, c: &ConnEntry) {
+        let id = c.presence_id;
+        self.by_mesh.entry(c.mesh_id).or_default().insert(id);
+        self.by_member.entry(c.member_id).or_default().insert(id);
+        if let Some(key) = Self::session_key(c) {
+            self.sessions.entry(key).or_default().insert(id);
+        }
+    }
+
+    fn remove(&mut self, c: &ConnEntry) {
+        fn take<K: std::hash::Hash + Eq>(
+            map: &mut HashMap<K, HashSet<PresenceId>>,
+            key: K,
+            id: PresenceId,
+        ) {
+            if let std::collections::hash_map::Entry::Occupied(mut e) = map.entry(key) {
+                e.get_mut().remove(&id);
+                if e.get().is_empty() {
+                    e.remove();
+                }
+            }
+        }
+        let id = c.presence_id;
+        take(&mut self.by_mesh, c.mesh_id, id);
+        take(&mut self.by_member, c.member_id, id);
+        if let Some(key) = Self::session_key(c) {
+            take(&mut self.sessions, key, id);
+        }
+    }
+
+    fn in_mesh(&self, mesh_id: MeshId) -> impl Iterator<Item = &PresenceId> {
+        self.by_mesh.get(&mesh_id).into_iter().flatten()
+    }
+
+    fn has_member(&self, member_id: MemberId) -> bool {
+        self.by_member.contains_key(&member_id)
+    }
+
+    /// The only connections `new` could replace (`routing::replaces`
+    /// decides): a session one with its session pubkey, or a hello one of
+    /// its member.
+    fn replacement_candidates(&self, new: &ConnEntry) -> impl Iterator<Item = &PresenceId> {
+        let set = match Self::session_key(new) {
+            Some(key) => self.sessions.get(&key),
+            None => self.by_member.get(&new.member_id),
+        };
+        set.into_iter().flatten()
+    }
+}
+
 pub struct Registry {
     shared: Arc<Shared>,
     conns: HashMap<PresenceId, ConnEntry>,
+    index: ConnIndex,
     /// Connections replaced by a newer hello: they close without a grace
     /// window (the replacement took their place).
     replaced: HashSet<PresenceId>,
@@ -121,6 +193,7 @@ impl Registry {
         Registry {
             shared,
             conns: HashMap::new(),
+            index: ConnIndex::default(),
             replaced: Default::default(),
             revoked: Default::default(),
             drains: HashMap::new(),
@@ -145,8 +218,12 @@ impl Registry {
     }
 
     fn broadcast_system(&self, mesh_id: MeshId, except_member: MemberId, text: &str) {
-        for c in self.conns.values() {
-            if c.mesh_id == mesh_id && c.member_id != except_member {
+        for c in self
+            .index
+            .in_mesh(mesh_id)
+            .filter_map(|id| self.conns.get(id))
+        {
+            if c.member_id != except_member {
                 c.handle
                     .offer(Outbound::System(text.to_owned()), &self.shared.metrics);
             }
@@ -208,8 +285,9 @@ impl Handler<Connect> for Registry {
         self.count();
         let entry = msg.entry;
         let replaced: Vec<PresenceId> = self
-            .conns
-            .values()
+            .index
+            .replacement_candidates(&entry)
+            .filter_map(|id| self.conns.get(id))
             .filter(|c| routing::replaces(&entry.identity(), &c.identity()))
             .map(|c| c.presence_id)
             .collect();
@@ -234,6 +312,7 @@ impl Handler<Connect> for Registry {
         if msg.arrival == Arrival::New && replaced.is_empty() && entry.visible {
             self.announce(&entry, "peer_joined");
         }
+        self.index.insert(&entry);
         self.conns.insert(entry.presence_id, entry);
         MessageResult(drain)
     }
@@ -254,9 +333,10 @@ impl Handler<Disconnect> for Registry {
         let Some(entry) = self.conns.remove(&msg.presence_id) else {
             return;
         };
+        self.index.remove(&entry);
         let replaced = self.replaced.remove(&msg.presence_id);
         let revoked = self.revoked.remove(&msg.presence_id);
-        let last = !self.conns.values().any(|c| c.member_id == entry.member_id);
+        let last = !self.index.has_member(entry.member_id);
         if let Some(drain) = self.drains.get(&entry.member_id) {
             drain.do_send(drain::RemoveConn {
                 presence_id: entry.presence_id,

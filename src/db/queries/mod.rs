@@ -14,6 +14,7 @@ mod presence;
 mod queue;
 mod sweep;
 
+pub use common::MemberRow;
 pub use members::*;
 pub use messages::*;
 pub use presence::*;
