@@ -239,8 +239,7 @@ fn init_logging(config: &Config) {
     };
 }
 
-/// Every WebSocket holds two descriptors (its socket and the handle kept to
-/// cut a slow consumer off), so a soft limit of 1,024 would refuse
+/// Every WebSocket holds a descriptor: a soft limit of 1,024 would refuse
 /// connections long before the hard limit does.
 fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
