@@ -104,11 +104,15 @@ fn system_event(
 
 /// Who is connected where, so that a hello and a close look at the
 /// connections that can matter to them instead of at every connection of
-/// this broker (a mesh of thousands made each hello and close a scan of
-/// them all). Changed only together with `Registry::conns`.
+/// this broker: in a mesh of thousands, each hello's `peer_joined` pass and
+/// replacement check, and each close's "was it the member's last" check,
+/// were a scan (and a map lookup) of them all. Changed only together with
+/// `Registry::conns`.
 #[derive(Default)]
 struct ConnIndex {
-    by_mesh: HashMap<MeshId, HashSet<PresenceId>>,
+    /// The members with a connection here, by mesh: system events go to
+    /// the other members, and a member's connections are not even visited.
+    members_by_mesh: HashMap<MeshId, HashSet<MemberId>>,
     by_member: HashMap<MemberId, HashSet<PresenceId>>,
     /// `session` connections by mesh and session pubkey (which they
     /// always have).
@@ -125,7 +129,10 @@ impl ConnIndex {
 
     fn insert(&mut self, c: &ConnEntry) {
         let id = c.presence_id;
-        self.by_mesh.entry(c.mesh_id).or_default().insert(id);
+        self.members_by_mesh
+            .entry(c.mesh_id)
+            .or_default()
+            .insert(c.member_id);
         self.by_member.entry(c.member_id).or_default().insert(id);
         if let Some(key) = Self::session_key(c) {
             self.sessions.entry(key).or_default().insert(id);
@@ -133,28 +140,43 @@ impl ConnIndex {
     }
 
     fn remove(&mut self, c: &ConnEntry) {
-        fn take<K: std::hash::Hash + Eq>(
-            map: &mut HashMap<K, HashSet<PresenceId>>,
+        /// Removes `item` from the set at `key`, and the set once empty;
+        /// true when it was emptied.
+        fn take<K: std::hash::Hash + Eq, T: std::hash::Hash + Eq>(
+            map: &mut HashMap<K, HashSet<T>>,
             key: K,
-            id: PresenceId,
-        ) {
+            item: &T,
+        ) -> bool {
             if let std::collections::hash_map::Entry::Occupied(mut e) = map.entry(key) {
-                e.get_mut().remove(&id);
+                e.get_mut().remove(item);
                 if e.get().is_empty() {
                     e.remove();
+                    return true;
                 }
             }
+            false
         }
-        let id = c.presence_id;
-        take(&mut self.by_mesh, c.mesh_id, id);
-        take(&mut self.by_member, c.member_id, id);
+        if take(&mut self.by_member, c.member_id, &c.presence_id) {
+            take(&mut self.members_by_mesh, c.mesh_id, &c.member_id);
+        }
         if let Some(key) = Self::session_key(c) {
-            take(&mut self.sessions, key, id);
+            take(&mut self.sessions, key, &c.presence_id);
         }
     }
 
-    fn in_mesh(&self, mesh_id: MeshId) -> impl Iterator<Item = &PresenceId> {
-        self.by_mesh.get(&mesh_id).into_iter().flatten()
+    /// The connections of the mesh's members other than `except`.
+    fn others_in_mesh(
+        &self,
+        mesh_id: MeshId,
+        except: MemberId,
+    ) -> impl Iterator<Item = &PresenceId> {
+        self.members_by_mesh
+            .get(&mesh_id)
+            .into_iter()
+            .flatten()
+            .filter(move |m| **m != except)
+            .filter_map(|m| self.by_member.get(m))
+            .flatten()
     }
 
     fn has_member(&self, member_id: MemberId) -> bool {
@@ -220,13 +242,11 @@ impl Registry {
     fn broadcast_system(&self, mesh_id: MeshId, except_member: MemberId, text: &str) {
         for c in self
             .index
-            .in_mesh(mesh_id)
+            .others_in_mesh(mesh_id, except_member)
             .filter_map(|id| self.conns.get(id))
         {
-            if c.member_id != except_member {
-                c.handle
-                    .offer(Outbound::System(text.to_owned()), &self.shared.metrics);
-            }
+            c.handle
+                .offer(Outbound::System(text.to_owned()), &self.shared.metrics);
         }
     }
 }
