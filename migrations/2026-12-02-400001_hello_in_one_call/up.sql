@@ -116,45 +116,56 @@ CREATE FUNCTION mesh.open_hello(
     display_name text
 ) LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
-    m mesh.member%ROWTYPE;
+    fresh boolean;
+    m_id uuid;
+    m_mesh_id uuid;
+    m_name text;
+    m_pubkey text;
+    m_admin boolean;
+    m_created_at timestamptz;
+    m_revoked_at timestamptz;
+    key_taken boolean;
     lock_key bigint := hashtextextended(p_mesh_id::text, 0);
     margin bigint := current_setting('max_connections')::bigint;
     live bigint;
     exclusive boolean := p_exclusive;
     taken integer;
 BEGIN
-    IF p_signature IS NOT NULL THEN
-        INSERT INTO mesh.hello_seen (signature) VALUES (p_signature) ON CONFLICT DO NOTHING;
-        IF NOT FOUND THEN
-            RETURN QUERY SELECT 'replayed'::text, NULL::uuid, NULL::uuid, NULL::text,
-                NULL::text, NULL::boolean, NULL::timestamptz, NULL::timestamptz, NULL::text;
-            RETURN;
-        END IF;
-    END IF;
-    SELECT * INTO m FROM mesh.member mm
-    WHERE mm.mesh_id = p_mesh_id AND mm.pubkey = p_member_pubkey;
-    IF NOT FOUND THEN
-        RETURN QUERY SELECT 'unknown'::text, NULL::uuid, NULL::uuid, NULL::text,
-            NULL::text, NULL::boolean, NULL::timestamptz, NULL::timestamptz, NULL::text;
-        RETURN;
-    END IF;
-    outcome := CASE
-        WHEN m.revoked_at IS NOT NULL THEN 'revoked'
-        WHEN p_claimed_member_id IS NOT NULL AND p_claimed_member_id <> m.id::text
-            THEN 'member_id_mismatch'
-        WHEN p_check_session_key AND EXISTS (
+    -- Steps 5 to 7a in one statement (each statement of a function costs an
+    -- executor run): the signature recorded, the member, the session key,
+    -- and the count that picks the lock. A data-modifying WITH runs to
+    -- completion whether or not the rest of the query reads it.
+    WITH seen AS (
+        INSERT INTO mesh.hello_seen (signature)
+        SELECT p_signature WHERE p_signature IS NOT NULL
+        ON CONFLICT DO NOTHING
+        RETURNING 1
+    )
+    SELECT p_signature IS NULL OR EXISTS (SELECT 1 FROM seen),
+        mm.id, mm.mesh_id, mm.name, mm.pubkey, mm.admin, mm.created_at, mm.revoked_at,
+        p_check_session_key AND EXISTS (
             SELECT 1 FROM mesh.presence p
             WHERE p.mesh_id = p_mesh_id AND p.session_pubkey = p_session_pubkey
-              AND p.role = 'session' AND p.member_id <> m.id)
-            THEN 'key_taken'
-    END;
+              AND p.role = 'session' AND p.member_id <> mm.id),
+        (SELECT coalesce(sum(l.live), 0) FROM mesh.mesh_live l WHERE l.mesh_id = p_mesh_id)
+    INTO fresh, m_id, m_mesh_id, m_name, m_pubkey, m_admin, m_created_at, m_revoked_at,
+        key_taken, live
+    FROM (SELECT 1) AS one
+    LEFT JOIN mesh.member mm ON mm.mesh_id = p_mesh_id AND mm.pubkey = p_member_pubkey;
+    IF NOT fresh THEN
+        outcome := 'replayed';
+    ELSIF m_id IS NULL THEN
+        outcome := 'unknown';
+    ELSIF m_revoked_at IS NOT NULL THEN
+        outcome := 'revoked';
+    ELSIF p_claimed_member_id IS NOT NULL AND p_claimed_member_id <> m_id::text THEN
+        outcome := 'member_id_mismatch';
+    ELSIF key_taken THEN
+        outcome := 'key_taken';
+    END IF;
     IF outcome IS NULL THEN
-        -- Which lock: decided on a count read before taking any.
-        IF NOT exclusive THEN
-            SELECT coalesce(sum(l.live), 0) INTO live FROM mesh.mesh_live l
-            WHERE l.mesh_id = p_mesh_id;
-            exclusive := live + margin >= p_max_live;
-        END IF;
+        -- Which lock: decided on the count read before taking any.
+        exclusive := exclusive OR live + margin >= p_max_live;
         IF exclusive THEN
             PERFORM pg_advisory_xact_lock(lock_key);
         ELSE
@@ -171,7 +182,8 @@ BEGIN
     IF outcome IS NULL THEN
         -- A closed connection of the same identity inside its grace window
         -- (docs/protocol.md §5.4, the replacement rule of §2.6): its window
-        -- ends here and the new connection takes it over silently.
+        -- ends here and the new connection takes it over silently. Two
+        -- statements, so each gets the plan of its own index.
         IF p_role = 'session' THEN
             UPDATE mesh.presence p SET grace_until = NULL
             WHERE p.mesh_id = p_mesh_id AND p.grace_until > now()
@@ -179,19 +191,26 @@ BEGIN
         ELSE
             UPDATE mesh.presence p SET grace_until = NULL
             WHERE p.mesh_id = p_mesh_id AND p.grace_until > now()
-              AND p.role <> 'session' AND p.member_id = m.id
+              AND p.role <> 'session' AND p.member_id = m_id
               AND p.session_id = p_session_id
               AND p.session_pubkey IS NOT DISTINCT FROM p_session_pubkey;
         END IF;
         GET DIAGNOSTICS taken = ROW_COUNT;
         INSERT INTO mesh.presence (id, mesh_id, member_id, session_id, session_pubkey, role,
             display_name, groups, pid, cwd, hostname, peer_type, channel, model, broker_node_id)
-        VALUES (p_id, p_mesh_id, m.id, p_session_id, p_session_pubkey, p_role,
-            coalesce(p_display_name, m.name), p_groups, p_pid, p_cwd, p_hostname, p_peer_type,
+        VALUES (p_id, p_mesh_id, m_id, p_session_id, p_session_pubkey, p_role,
+            coalesce(p_display_name, m_name), p_groups, p_pid, p_cwd, p_hostname, p_peer_type,
             p_channel, p_model, p_broker_node_id);
         outcome := CASE WHEN taken > 0 THEN 'took_over' ELSE 'opened' END;
     END IF;
-    RETURN QUERY SELECT outcome, m.id, m.mesh_id, m.name, m.pubkey, m.admin, m.created_at,
-        m.revoked_at, coalesce(p_display_name, m.name);
+    member_id := m_id;
+    member_mesh_id := m_mesh_id;
+    member_name := m_name;
+    member_pubkey := m_pubkey;
+    member_admin := m_admin;
+    member_created_at := m_created_at;
+    member_revoked_at := m_revoked_at;
+    display_name := coalesce(p_display_name, m_name);
+    RETURN NEXT;
 END
 $$;

@@ -195,6 +195,12 @@ impl ConnIndex {
     }
 }
 
+/// A closed connection whose grace window is being written.
+struct Closing {
+    entry: ConnEntry,
+    waiters: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
 pub struct Registry {
     shared: Arc<Shared>,
     conns: HashMap<PresenceId, ConnEntry>,
@@ -206,6 +212,9 @@ pub struct Registry {
     /// without a grace window (no hello of theirs can take it over).
     revoked: HashSet<PresenceId>,
     drains: HashMap<MemberId, Addr<Drain>>,
+    /// Connections closed with a grace window whose presence row is not yet
+    /// marked closed, with the hellos waiting for that ([`SettleCloses`]).
+    closing: HashMap<PresenceId, Closing>,
     /// Graceful shutdown began: closing connections leave their rows to it.
     shutting_down: bool,
 }
@@ -219,6 +228,7 @@ impl Registry {
             replaced: Default::default(),
             revoked: Default::default(),
             drains: HashMap::new(),
+            closing: HashMap::new(),
             shutting_down: false,
         }
     }
@@ -378,19 +388,89 @@ impl Handler<Disconnect> for Registry {
         if !replaced && !with_grace && entry.visible {
             self.announce(&entry, "peer_left");
         }
+        let presence_id = entry.presence_id;
+        if with_grace {
+            self.closing.insert(
+                presence_id,
+                Closing {
+                    entry,
+                    waiters: Vec::new(),
+                },
+            );
+        }
         let pool = self.shared.pool.clone();
         ctx.spawn(
             async move {
                 let Ok(mut conn) = pool.get().await else {
-                    tracing::warn!(presence = %entry.presence_id, "database unavailable: presence row left open; the sweeper reaps it");
+                    tracing::warn!(presence = %presence_id, "database unavailable: presence row left open; the sweeper reaps it");
                     return;
                 };
-                if let Err(e) = queries::close_presence(&mut conn, entry.presence_id, with_grace.then_some(grace)).await {
-                    tracing::warn!(presence = %entry.presence_id, error = %e, "could not close presence row");
+                if let Err(e) = queries::close_presence(&mut conn, presence_id, with_grace.then_some(grace)).await {
+                    tracing::warn!(presence = %presence_id, error = %e, "could not close presence row");
                 }
             }
-            .into_actor(self),
+            .into_actor(self)
+            .map(move |(), act, _| {
+                if let Some(closing) = act.closing.remove(&presence_id) {
+                    for waiter in closing.waiters {
+                        let _ = waiter.send(());
+                    }
+                }
+            }),
         );
+    }
+}
+
+/// A hello is about to take over whatever closed connection of its
+/// identity is inside its grace window: answers once every such connection
+/// of this broker has its row marked closed. A connection that just closed
+/// here has its row written asynchronously; without the wait, a client
+/// that reconnects at once (its hello is a single database call) could look
+/// before that write and be announced `peer_joined` instead of taking over.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SettleCloses {
+    pub mesh_id: MeshId,
+    /// The member the hello names, by key (the member id is not known yet).
+    pub member_pubkey: String,
+    pub role: Role,
+    pub session_id: String,
+    pub session_pubkey: Option<String>,
+}
+
+impl Handler<SettleCloses> for Registry {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: SettleCloses, _: &mut Self::Context) -> Self::Result {
+        self.count();
+        let mut waits = Vec::new();
+        for closing in self.closing.values_mut() {
+            let old = &closing.entry;
+            // A mesh's members have distinct keys, so the key names the
+            // member for the takeover rule (`routing::replaces`).
+            let new = Identity {
+                mesh_id: msg.mesh_id,
+                member_id: if old.member_pubkey == msg.member_pubkey {
+                    old.member_id
+                } else {
+                    MemberId(Uuid::nil())
+                },
+                role: msg.role,
+                session_id: &msg.session_id,
+                session_pubkey: msg.session_pubkey.as_deref(),
+            };
+            if routing::replaces(&new, &old.identity()) {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                closing.waiters.push(tx);
+                waits.push(rx);
+            }
+        }
+        Box::pin(async move {
+            for rx in waits {
+                // Dropped unanswered only if the registry stopped.
+                let _ = rx.await;
+            }
+        })
     }
 }
 

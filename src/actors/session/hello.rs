@@ -63,6 +63,18 @@ impl WsSession {
                 model: info.model.clone(),
                 broker_node_id: shared.node_id.0,
             };
+            if let Ok(mesh_id) = claims.mesh_id.parse() {
+                registry
+                    .send(registry::SettleCloses {
+                        mesh_id: MeshId(mesh_id),
+                        member_pubkey: claims.member_pubkey.clone(),
+                        role: claims.role,
+                        session_id: session_id.clone(),
+                        session_pubkey: claims.session_pubkey.clone(),
+                    })
+                    .await
+                    .map_err(|_| Refusal::new(ErrorCode::Unavailable, "broker is shutting down"))?;
+            }
             let cap = i64::from(shared.config.limits.max_connections_per_mesh);
             let Opened {
                 member,
