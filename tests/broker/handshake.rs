@@ -502,3 +502,34 @@ async fn simultaneous_hellos_where_the_lock_turns_exclusive_stop_exactly_at_the_
         .await;
     assert_eq!(live[0]["n"], cap as i64);
 }
+
+/// The second call a hello makes when its shared look found the mesh too
+/// close to the cap (`near_cap`): exclusive at once, and its signature,
+/// recorded by the first call, neither recorded again nor taken for a
+/// replay; a full mesh still refuses it.
+#[actix_web::test]
+async fn the_exclusive_retry_after_near_cap_opens_without_a_second_signature() {
+    let env = TestEnv::start().await;
+    let m = env.member("retry").await;
+    let call = |max_live: i64| {
+        format!(
+            "SELECT outcome, display_name FROM mesh.open_hello(NULL, '{}', '{}', NULL, false, \
+             {max_live}, true, gen_random_uuid(), 'sid-retry', NULL, 'control-plane', NULL, \
+             '[]'::jsonb, NULL, NULL, NULL, NULL, NULL, NULL, gen_random_uuid())",
+            env.mesh_id,
+            m.pubkey()
+        )
+    };
+    let seen = "SELECT count(*) AS n FROM mesh.hello_seen";
+    let before = env.rows(seen).await[0]["n"].clone();
+    let opened = env.rows(&call(10)).await;
+    assert_eq!(opened[0]["outcome"], "opened", "{opened:?}");
+    assert_eq!(opened[0]["display_name"], "retry", "{opened:?}");
+    assert_eq!(
+        env.rows(seen).await[0]["n"],
+        before,
+        "no signature recorded"
+    );
+    let full = env.rows(&call(1)).await;
+    assert_eq!(full[0]["outcome"], "full", "{full:?}");
+}
