@@ -215,6 +215,10 @@ pub struct Registry {
     /// Connections closed with a grace window whose presence row is not yet
     /// marked closed, with the hellos waiting for that ([`SettleCloses`]).
     closing: HashMap<PresenceId, Closing>,
+    /// Closed connections whose rows are to be marked closed (with a grace
+    /// window or not), and whether a write of such rows is running.
+    to_close: Vec<(PresenceId, bool)>,
+    closing_rows: bool,
     /// Graceful shutdown began: closing connections leave their rows to it.
     shutting_down: bool,
 }
@@ -229,6 +233,8 @@ impl Registry {
             revoked: Default::default(),
             drains: HashMap::new(),
             closing: HashMap::new(),
+            to_close: Vec::new(),
+            closing_rows: false,
             shutting_down: false,
         }
     }
@@ -398,24 +404,54 @@ impl Handler<Disconnect> for Registry {
                 },
             );
         }
+        self.to_close.push((presence_id, with_grace));
+        self.close_pending(ctx);
+    }
+}
+
+impl Registry {
+    /// Writes the closes that queued up while the previous write ran, in
+    /// one statement per grace (self-clocking: one write in flight, the
+    /// next takes everything that arrived meanwhile), then lets the hellos
+    /// waiting on them go on ([`SettleCloses`]).
+    fn close_pending(&mut self, ctx: &mut Context<Self>) {
+        if self.closing_rows || self.to_close.is_empty() {
+            return;
+        }
+        self.closing_rows = true;
+        let batch = std::mem::take(&mut self.to_close);
+        let grace = self.shared.config.presence.grace.get();
         let pool = self.shared.pool.clone();
+        let ids = batch.clone();
         ctx.spawn(
             async move {
                 let Ok(mut conn) = pool.get().await else {
-                    tracing::warn!(presence = %presence_id, "database unavailable: presence row left open; the sweeper reaps it");
+                    tracing::warn!(rows = ids.len(), "database unavailable: presence rows left open; the sweeper reaps them");
                     return;
                 };
-                if let Err(e) = queries::close_presence(&mut conn, presence_id, with_grace.then_some(grace)).await {
-                    tracing::warn!(presence = %presence_id, error = %e, "could not close presence row");
+                for with_grace in [true, false] {
+                    let group: Vec<PresenceId> =
+                        ids.iter().filter(|c| c.1 == with_grace).map(|c| c.0).collect();
+                    if group.is_empty() {
+                        continue;
+                    }
+                    let grace = with_grace.then_some(grace);
+                    if let Err(e) = queries::close_presences(&mut conn, &group, grace).await {
+                        tracing::warn!(rows = group.len(), error = %e, "could not close presence rows");
+                    }
                 }
             }
             .into_actor(self)
-            .map(move |(), act, _| {
-                if let Some(closing) = act.closing.remove(&presence_id) {
-                    for waiter in closing.waiters {
-                        let _ = waiter.send(());
+            .map(move |(), act, ctx| {
+                for (presence_id, _) in batch {
+                    if let Some(closing) = act.closing.remove(&presence_id) {
+                        for waiter in closing.waiters {
+                            let _ = waiter.send(());
+                        }
                     }
                 }
+                act.closing_rows = false;
+                act.close_pending(ctx);
             }),
         );
     }
