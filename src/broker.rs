@@ -11,7 +11,7 @@ use actix::{Actor, Addr, Arbiter, Supervisor};
 use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpServer};
 
-use crate::actors::backlog::SocketHandle;
+use crate::actors::backlog::SocketOf;
 use crate::actors::batch::Batcher;
 use crate::actors::claims::{AckJob, ClaimJob};
 use crate::actors::drain::DrainHome;
@@ -112,12 +112,12 @@ pub async fn start(
     let state = web::Data::new(AppState::new(shared.clone(), registry.clone(), writer));
     let server =
         HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
-            // Each connection keeps a handle on its socket, so a WebSocket
+            // Each connection keeps where its socket is, so a WebSocket
             // whose client stopped reading can be cut off (`Backlog`).
             .on_connect(|conn, data| {
                 if let Some(handle) = conn
                     .downcast_ref::<actix_web::rt::net::TcpStream>()
-                    .and_then(SocketHandle::of)
+                    .and_then(SocketOf::current)
                 {
                     data.insert(handle);
                 }

@@ -1,12 +1,12 @@
 //! Hello verification, in the order `docs/protocol.md` §2.4 gives: first the checks
 //! that need nothing but the frame and the clock ([`verify_offline`]), then
-//! those that need the database ([`verify_online`]: replay, member,
-//! revocation, member id; the mesh's connection cap is checked where the
-//! presence row is inserted, `queries::open_presence`).
+//! those that need the database, run with the presence row's insert in one
+//! call ([`open`]: replay, member, revocation, member id, session key, the
+//! mesh's connection cap).
 
 use crate::config::Config;
 use crate::crypto;
-use crate::db::queries::{self, MemberRow};
+use crate::db::queries::{self, HelloCheck, HelloOutcome, HelloPresence, MemberRow};
 use crate::db::PgConn;
 use crate::error_code::ErrorCode;
 use crate::ids::Role;
@@ -191,58 +191,91 @@ pub fn verify_offline(kind: &HelloKind, now_ms: i64, config: &Config) -> Result<
     Ok(claims)
 }
 
-/// The database checks: replay, member, revocation, member id. (Capacity
-/// is checked where the presence row is inserted: `queries::open_presence`.)
-pub async fn verify_online(conn: &mut PgConn, claims: &Claims) -> Result<MemberRow, Refusal> {
+/// A hello that passed every check: its presence row is written.
+pub struct Opened {
+    pub member: MemberRow,
+    /// The hello's display name, else the member's name.
+    pub display_name: String,
+    /// It took over a closed connection inside its grace window.
+    pub silent: bool,
+}
+
+/// The database checks (replay, member, revocation, member id, a plain
+/// hello's session key, the mesh's connection cap) and the presence row,
+/// in one call (`queries::open_hello`); a second one only when the mesh is
+/// too close to its cap to decide without its exclusive lock.
+pub async fn open(
+    conn: &mut PgConn,
+    claims: &Claims,
+    row: &HelloPresence,
+    max_live: i64,
+) -> Result<Opened, Refusal> {
     let unavailable = |e: diesel::result::Error| {
         tracing::warn!(error = %e, "hello refused: database check failed");
         Refusal::new(ErrorCode::Unavailable, "database unavailable, retry")
     };
-    if !queries::record_hello(conn, &claims.signature)
-        .await
-        .map_err(unavailable)?
-    {
-        return Err(Refusal::new(
-            ErrorCode::Replayed,
-            "this hello was already used",
-        ));
-    }
-    let unknown = || Refusal::new(ErrorCode::Unauthorized, "no such member in this mesh");
-    let mesh_id: uuid::Uuid = claims.mesh_id.parse().map_err(|_| unknown())?;
-    let member = queries::member_by_pubkey(conn, mesh_id, &claims.member_pubkey)
-        .await
-        .map_err(unavailable)?
-        .ok_or_else(unknown)?;
-    if member.revoked_at.is_some() {
-        return Err(Refusal::new(ErrorCode::Revoked, "this member was revoked"));
-    }
-    if let Some(claimed) = &claims.member_id {
-        if !claimed.eq_ignore_ascii_case(&member.id.to_string()) {
-            return Err(if claims.attested {
-                Refusal::new(
-                    ErrorCode::ParentMemberIdMismatch,
-                    "parentMemberId is not this member's id",
-                )
-            } else {
-                Refusal::new(ErrorCode::Unauthorized, "memberId is not this member's id")
-            });
-        }
-    }
-    // A plain hello's sessionPubkey is unproven (nothing signs with it): it
-    // may not name a key another member's session proved with session_hello,
-    // or it would be listed, and send, as that session.
-    if let (false, Some(key)) = (claims.attested, &claims.session_pubkey) {
-        if queries::session_key_proven_by_other(conn, mesh_id, key, member.id)
+    let mut check = HelloCheck {
+        signature: Some(&claims.signature),
+        // Not a uuid: no member matches, so `unauthorized` (after the
+        // signature is recorded, as for any other step-6 refusal).
+        mesh_id: claims.mesh_id.parse().ok(),
+        member_pubkey: &claims.member_pubkey,
+        // Compared as the member's id in its canonical lowercase form: the
+        // same as a case-insensitive comparison.
+        claimed_member_id: claims.member_id.as_deref().map(str::to_ascii_lowercase),
+        // A plain hello's sessionPubkey is unproven (nothing signs with it):
+        // it may not name a key another member's session proved with
+        // session_hello, or it would be listed, and send, as that session.
+        check_session_key: !claims.attested && claims.session_pubkey.is_some(),
+        max_live,
+        exclusive: false,
+    };
+    loop {
+        let outcome = queries::open_hello(conn, &check, row)
             .await
-            .map_err(unavailable)?
-        {
-            return Err(Refusal::new(
+            .map_err(unavailable)?;
+        let refusal = match outcome {
+            HelloOutcome::Opened {
+                member,
+                display_name,
+                silent,
+            } => {
+                return Ok(Opened {
+                    member,
+                    display_name,
+                    silent,
+                })
+            }
+            HelloOutcome::NearCap => {
+                check.signature = None;
+                check.exclusive = true;
+                continue;
+            }
+            HelloOutcome::Replayed => {
+                Refusal::new(ErrorCode::Replayed, "this hello was already used")
+            }
+            HelloOutcome::UnknownMember => {
+                Refusal::new(ErrorCode::Unauthorized, "no such member in this mesh")
+            }
+            HelloOutcome::Revoked => Refusal::new(ErrorCode::Revoked, "this member was revoked"),
+            HelloOutcome::MemberIdMismatch if claims.attested => Refusal::new(
+                ErrorCode::ParentMemberIdMismatch,
+                "parentMemberId is not this member's id",
+            ),
+            HelloOutcome::MemberIdMismatch => {
+                Refusal::new(ErrorCode::Unauthorized, "memberId is not this member's id")
+            }
+            HelloOutcome::SessionKeyTaken => Refusal::new(
                 ErrorCode::Unauthorized,
                 "sessionPubkey belongs to another member's session",
-            ));
-        }
+            ),
+            HelloOutcome::MeshFull => Refusal::new(
+                ErrorCode::Capacity,
+                "this mesh has as many connections as it may",
+            ),
+        };
+        return Err(refusal);
     }
-    Ok(member)
 }
 
 /// Hostile hellos: any tampering is refused with the contract's code, in the

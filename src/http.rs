@@ -10,7 +10,7 @@ use actix_web_actors::ws;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::actors::backlog::{backlog_limit, Backlog, SocketHandle};
+use crate::actors::backlog::{backlog_limit, Backlog, SocketHandle, SocketOf};
 use crate::actors::registry::{self, Registry};
 use crate::actors::session::WsSession;
 use crate::actors::writer::Writer;
@@ -59,10 +59,10 @@ async fn websocket(
     state: web::Data<AppState>,
 ) -> actix_web::Result<HttpResponse> {
     let config = &state.shared.config;
-    let backlog = Arc::new(Backlog::new(
-        backlog_limit(config),
-        req.conn_data::<SocketHandle>(),
-    ));
+    // Kept in the response stream, the only place where it proves the
+    // socket is still this connection's (`SocketHandle`).
+    let socket = req.conn_data::<SocketOf>().map(SocketOf::handle);
+    let backlog = Arc::new(Backlog::new(backlog_limit(config), socket.as_ref()));
     let session = WsSession::new(
         state.shared.clone(),
         state.registry.clone(),
@@ -75,6 +75,7 @@ async fn websocket(
     Ok(response.streaming(Taken {
         output: Box::pin(output),
         backlog,
+        _socket: socket,
     }))
 }
 
@@ -83,6 +84,7 @@ async fn websocket(
 struct Taken<S> {
     output: std::pin::Pin<Box<S>>,
     backlog: Arc<Backlog>,
+    _socket: Option<SocketHandle>,
 }
 
 impl<S> futures_util::Stream for Taken<S>

@@ -1,8 +1,11 @@
 //! Output bounds for one WebSocket connection: a client that stops reading
 //! must not make the broker buffer pushes without limit.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+
+use actix::{Arbiter, ArbiterHandle};
 
 /// Room for system events and replies on top of a full window of pushes.
 const BACKLOG_SLACK: usize = 1 << 20;
@@ -18,16 +21,104 @@ pub fn backlog_limit(config: &crate::config::Config) -> usize {
         .saturating_add(BACKLOG_SLACK)
 }
 
-/// The TCP socket under one HTTP connection (a duplicate descriptor, kept
-/// in the connection's data for exactly the connection's life), so a
-/// connection whose client stopped reading can be cut off from outside.
+/// The TCP socket under one HTTP connection, so a connection whose client
+/// stopped reading can be cut off from outside (from the drain's or the
+/// registry's thread), in one of two forms:
+/// - [`SocketHandle::of`]: a duplicate descriptor, kept for exactly as long
+///   as the handle lives;
+/// - [`SocketOf::handle`]: no descriptor of its own, for the broker's
+///   WebSockets. A duplicate per connection doubles the descriptors a
+///   broker holds, and under a hard limit of 20,000 that stopped it short
+///   of 10,000 connections. Instead the shutdown is sent to the worker
+///   thread that owns the socket, and done there only if the handle still
+///   lives: the handle lives in the connection's response stream, which the
+///   HTTP dispatcher on that thread owns together with the socket, so on
+///   that thread "the handle lives" means "the descriptor is still this
+///   connection's" (nothing else on it runs between the two being dropped).
 #[derive(Clone)]
-pub struct SocketHandle(Arc<std::net::TcpStream>);
+pub struct SocketHandle(Handle);
+
+#[derive(Clone)]
+enum Handle {
+    Dup(Arc<std::net::TcpStream>),
+    OnWorker {
+        fd: RawFd,
+        worker: ArbiterHandle,
+        /// The liveness token; only the owning thread ever holds it.
+        alive: Arc<()>,
+    },
+}
 
 impl SocketHandle {
     pub fn of(tcp: &impl std::os::fd::AsFd) -> Option<SocketHandle> {
         let fd = tcp.as_fd().try_clone_to_owned().ok()?;
-        Some(SocketHandle(Arc::new(std::net::TcpStream::from(fd))))
+        Some(SocketHandle(Handle::Dup(Arc::new(
+            std::net::TcpStream::from(fd),
+        ))))
+    }
+}
+
+/// What a connection's `on_connect` keeps of its socket: the descriptor's
+/// number and the worker thread that owns it, not the descriptor.
+#[derive(Clone)]
+pub struct SocketOf {
+    fd: RawFd,
+    worker: ArbiterHandle,
+}
+
+impl SocketOf {
+    /// `None` off an actix worker thread (nothing to send the shutdown to).
+    pub fn current(tcp: &impl AsRawFd) -> Option<SocketOf> {
+        Some(SocketOf {
+            fd: tcp.as_raw_fd(),
+            worker: Arbiter::try_current()?,
+        })
+    }
+
+    /// A handle for one response stream of this connection. It must be kept
+    /// in that stream (see [`SocketHandle`]), and made on the worker thread.
+    pub fn handle(&self) -> SocketHandle {
+        SocketHandle(Handle::OnWorker {
+            fd: self.fd,
+            worker: self.worker.clone(),
+            alive: Arc::new(()),
+        })
+    }
+}
+
+/// What the backlog keeps of its connection's [`SocketHandle`]: nothing
+/// that keeps the socket open or the handle alive.
+enum SocketRef {
+    None,
+    Dup(Weak<std::net::TcpStream>),
+    OnWorker {
+        fd: RawFd,
+        worker: ArbiterHandle,
+        alive: Weak<()>,
+    },
+}
+
+impl SocketRef {
+    fn shutdown(&self) {
+        match self {
+            SocketRef::None => {}
+            SocketRef::Dup(socket) => {
+                if let Some(socket) = socket.upgrade() {
+                    let _ = socket.shutdown(std::net::Shutdown::Both);
+                }
+            }
+            SocketRef::OnWorker { fd, worker, alive } => {
+                // Not upgraded here: a strong reference held on this thread
+                // could outlive the connection while the worker looks.
+                let (fd, alive) = (*fd, alive.clone());
+                // A stopped worker has closed its sockets already.
+                worker.spawn_fn(move || {
+                    if alive.upgrade().is_some() {
+                        let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
+                    }
+                });
+            }
+        }
     }
 }
 
@@ -63,7 +154,7 @@ pub struct Backlog {
     written: AtomicUsize,
     limit: usize,
     /// The socket, while its HTTP connection lives.
-    socket: std::sync::Weak<std::net::TcpStream>,
+    socket: SocketRef,
     /// Cut off already: later frames are dropped at once.
     cut: AtomicBool,
 }
@@ -74,7 +165,15 @@ impl Backlog {
             queued: AtomicUsize::new(0),
             written: AtomicUsize::new(0),
             limit,
-            socket: socket.map_or_else(std::sync::Weak::new, |s| Arc::downgrade(&s.0)),
+            socket: match socket.map(|s| &s.0) {
+                None => SocketRef::None,
+                Some(Handle::Dup(s)) => SocketRef::Dup(Arc::downgrade(s)),
+                Some(Handle::OnWorker { fd, worker, alive }) => SocketRef::OnWorker {
+                    fd: *fd,
+                    worker: worker.clone(),
+                    alive: Arc::downgrade(alive),
+                },
+            },
             cut: AtomicBool::new(false),
         }
     }
@@ -95,9 +194,7 @@ impl Backlog {
         if self.cut.swap(true, SeqCst) {
             return Reservation::Refused { newly_cut: None };
         }
-        if let Some(socket) = self.socket.upgrade() {
-            let _ = socket.shutdown(std::net::Shutdown::Both);
-        }
+        self.socket.shutdown();
         Reservation::Refused {
             newly_cut: Some(before),
         }

@@ -102,9 +102,109 @@ fn system_event(
     serde_json::to_string(&push).expect("push serializes")
 }
 
+/// Who is connected where, so that a hello and a close look at the
+/// connections that can matter to them instead of at every connection of
+/// this broker: in a mesh of thousands, each hello's `peer_joined` pass and
+/// replacement check, and each close's "was it the member's last" check,
+/// were a scan (and a map lookup) of them all. Changed only together with
+/// `Registry::conns`.
+#[derive(Default)]
+struct ConnIndex {
+    /// The members with a connection here, by mesh: system events go to
+    /// the other members, and a member's connections are not even visited.
+    members_by_mesh: HashMap<MeshId, HashSet<MemberId>>,
+    by_member: HashMap<MemberId, HashSet<PresenceId>>,
+    /// `session` connections by mesh and session pubkey (which they
+    /// always have).
+    sessions: HashMap<(MeshId, String), HashSet<PresenceId>>,
+}
+
+impl ConnIndex {
+    fn session_key(c: &ConnEntry) -> Option<(MeshId, String)> {
+        match (c.role, &c.session_pubkey) {
+            (Role::Session, Some(k)) => Some((c.mesh_id, k.clone())),
+            _ => None,
+        }
+    }
+
+    fn insert(&mut self, c: &ConnEntry) {
+        let id = c.presence_id;
+        self.members_by_mesh
+            .entry(c.mesh_id)
+            .or_default()
+            .insert(c.member_id);
+        self.by_member.entry(c.member_id).or_default().insert(id);
+        if let Some(key) = Self::session_key(c) {
+            self.sessions.entry(key).or_default().insert(id);
+        }
+    }
+
+    fn remove(&mut self, c: &ConnEntry) {
+        /// Removes `item` from the set at `key`, and the set once empty;
+        /// true when it was emptied.
+        fn take<K: std::hash::Hash + Eq, T: std::hash::Hash + Eq>(
+            map: &mut HashMap<K, HashSet<T>>,
+            key: K,
+            item: &T,
+        ) -> bool {
+            if let std::collections::hash_map::Entry::Occupied(mut e) = map.entry(key) {
+                e.get_mut().remove(item);
+                if e.get().is_empty() {
+                    e.remove();
+                    return true;
+                }
+            }
+            false
+        }
+        if take(&mut self.by_member, c.member_id, &c.presence_id) {
+            take(&mut self.members_by_mesh, c.mesh_id, &c.member_id);
+        }
+        if let Some(key) = Self::session_key(c) {
+            take(&mut self.sessions, key, &c.presence_id);
+        }
+    }
+
+    /// The connections of the mesh's members other than `except`.
+    fn others_in_mesh(
+        &self,
+        mesh_id: MeshId,
+        except: MemberId,
+    ) -> impl Iterator<Item = &PresenceId> {
+        self.members_by_mesh
+            .get(&mesh_id)
+            .into_iter()
+            .flatten()
+            .filter(move |m| **m != except)
+            .filter_map(|m| self.by_member.get(m))
+            .flatten()
+    }
+
+    fn has_member(&self, member_id: MemberId) -> bool {
+        self.by_member.contains_key(&member_id)
+    }
+
+    /// The only connections `new` could replace (`routing::replaces`
+    /// decides): a session one with its session pubkey, or a hello one of
+    /// its member.
+    fn replacement_candidates(&self, new: &ConnEntry) -> impl Iterator<Item = &PresenceId> {
+        let set = match Self::session_key(new) {
+            Some(key) => self.sessions.get(&key),
+            None => self.by_member.get(&new.member_id),
+        };
+        set.into_iter().flatten()
+    }
+}
+
+/// A closed connection whose grace window is being written.
+struct Closing {
+    entry: ConnEntry,
+    waiters: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
 pub struct Registry {
     shared: Arc<Shared>,
     conns: HashMap<PresenceId, ConnEntry>,
+    index: ConnIndex,
     /// Connections replaced by a newer hello: they close without a grace
     /// window (the replacement took their place).
     replaced: HashSet<PresenceId>,
@@ -114,6 +214,13 @@ pub struct Registry {
     drains: HashMap<MemberId, Addr<Drain>>,
     /// Where new drains start.
     home: DrainHome,
+    /// Connections closed with a grace window whose presence row is not yet
+    /// marked closed, with the hellos waiting for that ([`SettleCloses`]).
+    closing: HashMap<PresenceId, Closing>,
+    /// Closed connections whose rows are to be marked closed (with a grace
+    /// window or not), and whether a write of such rows is running.
+    to_close: Vec<(PresenceId, bool)>,
+    closing_rows: bool,
     /// Graceful shutdown began: closing connections leave their rows to it.
     shutting_down: bool,
 }
@@ -124,9 +231,13 @@ impl Registry {
             shared,
             home,
             conns: HashMap::new(),
+            index: ConnIndex::default(),
             replaced: Default::default(),
             revoked: Default::default(),
             drains: HashMap::new(),
+            closing: HashMap::new(),
+            to_close: Vec::new(),
+            closing_rows: false,
             shutting_down: false,
         }
     }
@@ -148,11 +259,13 @@ impl Registry {
     }
 
     fn broadcast_system(&self, mesh_id: MeshId, except_member: MemberId, text: &str) {
-        for c in self.conns.values() {
-            if c.mesh_id == mesh_id && c.member_id != except_member {
-                c.handle
-                    .offer(Outbound::System(text.to_owned()), &self.shared.metrics);
-            }
+        for c in self
+            .index
+            .others_in_mesh(mesh_id, except_member)
+            .filter_map(|id| self.conns.get(id))
+        {
+            c.handle
+                .offer(Outbound::System(text.to_owned()), &self.shared.metrics);
         }
     }
 }
@@ -211,8 +324,9 @@ impl Handler<Connect> for Registry {
         self.count();
         let entry = msg.entry;
         let replaced: Vec<PresenceId> = self
-            .conns
-            .values()
+            .index
+            .replacement_candidates(&entry)
+            .filter_map(|id| self.conns.get(id))
             .filter(|c| routing::replaces(&entry.identity(), &c.identity()))
             .map(|c| c.presence_id)
             .collect();
@@ -237,6 +351,7 @@ impl Handler<Connect> for Registry {
         if msg.arrival == Arrival::New && replaced.is_empty() && entry.visible {
             self.announce(&entry, "peer_joined");
         }
+        self.index.insert(&entry);
         self.conns.insert(entry.presence_id, entry);
         MessageResult(drain)
     }
@@ -257,9 +372,10 @@ impl Handler<Disconnect> for Registry {
         let Some(entry) = self.conns.remove(&msg.presence_id) else {
             return;
         };
+        self.index.remove(&entry);
         let replaced = self.replaced.remove(&msg.presence_id);
         let revoked = self.revoked.remove(&msg.presence_id);
-        let last = !self.conns.values().any(|c| c.member_id == entry.member_id);
+        let last = !self.index.has_member(entry.member_id);
         if let Some(drain) = self.drains.get(&entry.member_id) {
             drain.do_send(drain::RemoveConn {
                 presence_id: entry.presence_id,
@@ -281,23 +397,123 @@ impl Handler<Disconnect> for Registry {
         if !replaced && !with_grace && entry.visible {
             self.announce(&entry, "peer_left");
         }
+        let presence_id = entry.presence_id;
+        if with_grace {
+            self.closing.insert(
+                presence_id,
+                Closing {
+                    entry,
+                    waiters: Vec::new(),
+                },
+            );
+        }
+        self.to_close.push((presence_id, with_grace));
+        self.close_pending(ctx);
+    }
+}
+
+impl Registry {
+    /// Writes the closes that queued up while the previous write ran, in
+    /// one statement per grace (self-clocking: one write in flight, the
+    /// next takes everything that arrived meanwhile), then lets the hellos
+    /// waiting on them go on ([`SettleCloses`]).
+    fn close_pending(&mut self, ctx: &mut Context<Self>) {
+        if self.closing_rows || self.to_close.is_empty() {
+            return;
+        }
+        self.closing_rows = true;
+        let batch = std::mem::take(&mut self.to_close);
+        let grace = self.shared.config.presence.grace.get();
         let pool = self.shared.pool.clone();
+        let ids = batch.clone();
         ctx.spawn(
             async move {
                 let Ok(mut conn) = pool.get().await else {
-                    tracing::warn!(presence = %entry.presence_id, "database unavailable: presence row left open; the sweeper reaps it");
+                    tracing::warn!(rows = ids.len(), "database unavailable: presence rows left open; the sweeper reaps them");
                     return;
                 };
-                if let Err(e) = queries::close_presence(&mut conn, entry.presence_id, with_grace.then_some(grace)).await {
-                    tracing::warn!(presence = %entry.presence_id, error = %e, "could not close presence row");
+                for with_grace in [true, false] {
+                    let group: Vec<PresenceId> =
+                        ids.iter().filter(|c| c.1 == with_grace).map(|c| c.0).collect();
+                    if group.is_empty() {
+                        continue;
+                    }
+                    let grace = with_grace.then_some(grace);
+                    if let Err(e) = queries::close_presences(&mut conn, &group, grace).await {
+                        tracing::warn!(rows = group.len(), error = %e, "could not close presence rows");
+                    }
                 }
             }
-            .into_actor(self),
+            .into_actor(self)
+            .map(move |(), act, ctx| {
+                for (presence_id, _) in batch {
+                    if let Some(closing) = act.closing.remove(&presence_id) {
+                        for waiter in closing.waiters {
+                            let _ = waiter.send(());
+                        }
+                    }
+                }
+                act.closing_rows = false;
+                act.close_pending(ctx);
+            }),
         );
     }
 }
 
 pub use super::wake::WakeMembers;
+
+/// A hello is about to take over whatever closed connection of its
+/// identity is inside its grace window: answers once every such connection
+/// of this broker has its row marked closed. A connection that just closed
+/// here has its row written asynchronously; without the wait, a client
+/// that reconnects at once (its hello is a single database call) could look
+/// before that write and be announced `peer_joined` instead of taking over.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SettleCloses {
+    pub mesh_id: MeshId,
+    /// The member the hello names, by key (the member id is not known yet).
+    pub member_pubkey: String,
+    pub role: Role,
+    pub session_id: String,
+    pub session_pubkey: Option<String>,
+}
+
+impl Handler<SettleCloses> for Registry {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: SettleCloses, _: &mut Self::Context) -> Self::Result {
+        self.count();
+        let mut waits = Vec::new();
+        for closing in self.closing.values_mut() {
+            let old = &closing.entry;
+            // A mesh's members have distinct keys, so the key names the
+            // member for the takeover rule (`routing::replaces`).
+            let new = Identity {
+                mesh_id: msg.mesh_id,
+                member_id: if old.member_pubkey == msg.member_pubkey {
+                    old.member_id
+                } else {
+                    MemberId(Uuid::nil())
+                },
+                role: msg.role,
+                session_id: &msg.session_id,
+                session_pubkey: msg.session_pubkey.as_deref(),
+            };
+            if routing::replaces(&new, &old.identity()) {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                closing.waiters.push(tx);
+                waits.push(rx);
+            }
+        }
+        Box::pin(async move {
+            for rx in waits {
+                // Dropped unanswered only if the registry stopped.
+                let _ = rx.await;
+            }
+        })
+    }
+}
 
 impl Handler<WakeMembers> for Registry {
     type Result = ();

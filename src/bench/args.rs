@@ -62,6 +62,14 @@ pub struct BenchArgs {
     /// idle: connected sessions.
     #[arg(long, default_value_t = 1000)]
     pub connections: usize,
+    /// idle: members the connections belong to [default: one per
+    /// connection]. A member's first connection says `hello`, the rest are
+    /// its sessions (`session_hello`). Presence events go to the other
+    /// members' connections, so K connections of K members receive
+    /// K(K-1)/2 `peer_joined` pushes; `--members 1` measures the hellos
+    /// and the idle connections alone.
+    #[arg(long)]
+    pub members: Option<usize>,
     /// Hellos in progress at once while connecting.
     #[arg(long, default_value_t = 100)]
     pub hello_concurrency: usize,
@@ -101,10 +109,13 @@ impl BenchArgs {
     }
 
     /// Members the run needs: idle mode connects as one member per
-    /// connection.
+    /// connection unless `--members` says fewer.
     pub(super) fn members_needed(&self) -> usize {
         match self.mode {
-            Mode::Idle => self.connections,
+            Mode::Idle => self
+                .members
+                .unwrap_or(self.connections)
+                .min(self.connections),
             _ => self.peers,
         }
     }
@@ -124,6 +135,9 @@ impl BenchArgs {
         }
         if self.mode == Mode::Idle && self.connections == 0 {
             bail!("--connections must be at least 1");
+        }
+        if self.members == Some(0) {
+            bail!("--members must be at least 1");
         }
         Ok(())
     }
@@ -173,6 +187,18 @@ pub(super) mod tests {
             .check()
             .is_ok());
         assert!(parse(&["--window", "0"]).unwrap().check().is_err());
+        assert!(parse(&["--mode", "idle", "--members", "0"])
+            .unwrap()
+            .check()
+            .is_err());
+        let a = parse(&["--mode", "idle", "--connections", "50", "--members", "3"]).unwrap();
+        assert_eq!(a.members_needed(), 3);
+        assert_eq!(
+            parse(&["--mode", "idle", "--connections", "50"])
+                .unwrap()
+                .members_needed(),
+            50
+        );
         assert!(parse(&["--mode", "sideways"]).is_err());
     }
 }

@@ -554,8 +554,9 @@ pub async fn idle(
     let start = Instant::now();
     let tasks: Vec<_> = (0..k)
         .map(|i| {
-            // More connections than members (a --provision file): the rest
-            // are sessions of the members, which replace nothing.
+            // More connections than members (`--members`, or a --provision
+            // file): the rest are sessions of the members, which replace
+            // nothing.
             let creds = members[i % members.len()].clone();
             let as_session = i >= members.len();
             let frames = frames.clone();

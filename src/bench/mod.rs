@@ -131,7 +131,7 @@ async fn workload(
     }
     match args.mode {
         Mode::Idle => {
-            let members = &target.members[..args.connections.min(target.members.len())];
+            let members = &target.members[..args.members_needed().min(target.members.len())];
             let idle =
                 load::idle(args, &target.ws_url, members, &progress, monitor.as_ref()).await?;
             report.idle = Some(idle);

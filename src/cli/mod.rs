@@ -239,7 +239,19 @@ fn init_logging(config: &Config) {
     };
 }
 
+/// Every WebSocket holds a descriptor: a soft limit of 1,024 would refuse
+/// connections long before the hard limit does.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
+    raise_fd_limit();
     // Bind first: a taken port should fail before a cluster is started.
     let listener = bind(config.server.listen)?;
     let shutdown = shutdown_signal()?;

@@ -65,6 +65,27 @@ async fn idle_connections_are_counted_and_weighed() {
     assert!(idle["broker_kib_per_connection"].is_number(), "{r}");
 }
 
+/// `--members 1`: one member's hello and the rest its sessions, so no
+/// connection hears of another (presence events go to other members only).
+#[actix_web::test]
+async fn idle_sessions_of_one_member_hear_no_presence_events() {
+    let r = bench(&[
+        "--mode",
+        "idle",
+        "--connections",
+        "5",
+        "--members",
+        "1",
+        "--duration",
+        "0.5",
+    ])
+    .await;
+    let idle = &r["idle"];
+    assert_eq!(n(idle, "connected"), 5, "{r}");
+    assert_eq!(idle["hello_failures"], json!({}), "{r}");
+    assert_eq!(n(idle, "frames_received"), 0, "{r}");
+}
+
 /// `--url` with members as `meshbroker member add --json` prints them.
 #[actix_web::test]
 async fn against_a_running_broker_with_a_provision_file() {

@@ -414,3 +414,122 @@ fn hour_session_frame(
 ) -> serde_json::Value {
     session_hello_frame(creds, sk, now + 3_600_000, &HelloOptions::default(), now)
 }
+
+/// The mesh's live count behind the cap (`mesh.mesh_live`, kept by a
+/// trigger) follows every way a connection opens and closes: hellos,
+/// closes into a grace window, a takeover inside it, replacement.
+#[actix_web::test]
+async fn the_live_count_behind_the_cap_follows_every_open_and_close() {
+    let env = TestEnv::start().await;
+    let a = env.member("alice").await;
+    let b = env.member("bob").await;
+    let live = "SELECT count(*) AS n FROM mesh.presence WHERE disconnected_at IS NULL";
+    let counted = "SELECT coalesce(sum(live), 0)::bigint AS n FROM mesh.mesh_live";
+    let agree = |want: i64| {
+        let env = &env;
+        async move {
+            env.wait_rows(live, "live rows", |r| r[0]["n"] == want)
+                .await;
+            assert_eq!(
+                env.rows(counted).await[0]["n"],
+                want,
+                "counted vs {want} live"
+            );
+        }
+    };
+    let c1 = env.connect(&a).await;
+    let (s1, key) = env.session(&b, "bob-session").await;
+    agree(2).await;
+    s1.close().await.must();
+    agree(1).await;
+    // A takeover of the closed session inside its grace window, then a
+    // replacement of that connection by a third hello with its key.
+    let opts = HelloOptions {
+        display_name: Some("bob-session".into()),
+        ..HelloOptions::default()
+    };
+    let (_s2, _) = client::session_hello(&env.ws_url, &b.creds, &key, &opts)
+        .await
+        .must();
+    agree(2).await;
+    let (_s3, _) = client::session_hello(&env.ws_url, &b.creds, &key, &opts)
+        .await
+        .must();
+    agree(2).await;
+    c1.close().await.must();
+    agree(1).await;
+}
+
+/// The cap holds exactly across the count at which hellos stop sharing the
+/// mesh's lock (`max_connections` below the cap): many simultaneous hellos
+/// around it, and exactly the cap's number get in.
+#[actix_web::test]
+async fn simultaneous_hellos_where_the_lock_turns_exclusive_stop_exactly_at_the_cap() {
+    let probe = TestEnv::start().await;
+    let margin: u32 = probe
+        .rows("SELECT current_setting('max_connections')::int AS n")
+        .await[0]["n"]
+        .as_u64()
+        .expect("max_connections") as u32;
+    drop(probe);
+    // The first hellos find the mesh far enough below the cap to share the
+    // lock; the rest must take it exclusive, some after a shared look.
+    let cap = margin + 4;
+    let env = TestEnv::start_with(|c| {
+        c.limits.max_connections_per_mesh = cap;
+        c.database.pool_size = 12;
+    })
+    .await;
+    let m = env.member("many").await;
+    let hellos = (0..cap as usize + 8).map(|_| {
+        let (url, creds) = (env.ws_url.clone(), m.creds.clone());
+        async move {
+            let key = client::generate_session_key();
+            client::session_hello(&url, &creds, &key, &HelloOptions::default()).await
+        }
+    });
+    let results = futures_util::future::join_all(hellos).await;
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert!(format!("{r:#}").contains("capacity"), "{r:#}");
+    }
+    let accepted = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(
+        accepted, cap as usize,
+        "accepted hellos with a cap of {cap}"
+    );
+    let live = env
+        .rows("SELECT count(*) AS n FROM mesh.presence WHERE disconnected_at IS NULL")
+        .await;
+    assert_eq!(live[0]["n"], cap as i64);
+}
+
+/// The second call a hello makes when its shared look found the mesh too
+/// close to the cap (`near_cap`): exclusive at once, and its signature,
+/// recorded by the first call, neither recorded again nor taken for a
+/// replay; a full mesh still refuses it.
+#[actix_web::test]
+async fn the_exclusive_retry_after_near_cap_opens_without_a_second_signature() {
+    let env = TestEnv::start().await;
+    let m = env.member("retry").await;
+    let call = |max_live: i64| {
+        format!(
+            "SELECT outcome, display_name FROM mesh.open_hello(NULL, '{}', '{}', NULL, false, \
+             {max_live}, true, gen_random_uuid(), 'sid-retry', NULL, 'control-plane', NULL, \
+             '[]'::jsonb, NULL, NULL, NULL, NULL, NULL, NULL, gen_random_uuid())",
+            env.mesh_id,
+            m.pubkey()
+        )
+    };
+    let seen = "SELECT count(*) AS n FROM mesh.hello_seen";
+    let before = env.rows(seen).await[0]["n"].clone();
+    let opened = env.rows(&call(10)).await;
+    assert_eq!(opened[0]["outcome"], "opened", "{opened:?}");
+    assert_eq!(opened[0]["display_name"], "retry", "{opened:?}");
+    assert_eq!(
+        env.rows(seen).await[0]["n"],
+        before,
+        "no signature recorded"
+    );
+    let full = env.rows(&call(1)).await;
+    assert_eq!(full[0]["outcome"], "full", "{full:?}");
+}

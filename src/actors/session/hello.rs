@@ -1,7 +1,8 @@
 //! The hello: verified offline first (signatures, clock), then against the
-//! database (replay, member, revocation, the mesh's connection cap, where
-//! the presence row is written), then registered with the registry, which
-//! answers with the member's drain. Only then is `hello_ack` sent.
+//! database together with writing its presence row (replay, member,
+//! revocation, the mesh's connection cap: one call), then registered with
+//! the registry, which answers with the member's drain. Only then is
+//! `hello_ack` sent.
 
 use actix::prelude::*;
 use uuid::Uuid;
@@ -9,9 +10,9 @@ use uuid::Uuid;
 use super::{refuse, reply, Ctx, Ready, State, WsSession};
 use crate::actors::conn::ConnHandle;
 use crate::actors::registry::{self, Arrival, ConnEntry};
-use crate::db::queries::{self, NewPresence, Opened};
+use crate::db::queries::HelloPresence;
 use crate::error_code::ErrorCode;
-use crate::handshake::{self, HelloKind, Refusal};
+use crate::handshake::{self, HelloKind, Opened, Refusal};
 use crate::ids::{MemberId, MeshId, PresenceId};
 use crate::protocol::{HelloAck, MemberProfile};
 use crate::routing::connection_key;
@@ -41,26 +42,18 @@ impl WsSession {
                 tracing::warn!(error = %e, "hello refused: no database connection");
                 unavailable()
             })?;
-            let member = handshake::verify_online(&mut conn, &claims).await?;
             let info = &claims.info;
             let session_id = info
                 .session_id
                 .clone()
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| Uuid::new_v4().to_string());
-            let display_name = info
-                .display_name
-                .clone()
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| member.name.clone());
-            let row = NewPresence {
+            let row = HelloPresence {
                 id: presence_id.0,
-                mesh_id: member.mesh_id,
-                member_id: member.id,
                 session_id: session_id.clone(),
                 session_pubkey: claims.session_pubkey.clone(),
                 role: claims.role,
-                display_name: display_name.clone(),
+                display_name: info.display_name.clone().filter(|s| !s.is_empty()),
                 groups: serde_json::to_value(&info.groups).expect("groups serialize"),
                 pid: info.pid,
                 cwd: info.cwd.clone(),
@@ -70,20 +63,28 @@ impl WsSession {
                 model: info.model.clone(),
                 broker_node_id: shared.node_id.0,
             };
+            if let Ok(mesh_id) = claims.mesh_id.parse() {
+                registry
+                    .send(registry::SettleCloses {
+                        mesh_id: MeshId(mesh_id),
+                        member_pubkey: claims.member_pubkey.clone(),
+                        role: claims.role,
+                        session_id: session_id.clone(),
+                        session_pubkey: claims.session_pubkey.clone(),
+                    })
+                    .await
+                    .map_err(|_| Refusal::new(ErrorCode::Unavailable, "broker is shutting down"))?;
+            }
             let cap = i64::from(shared.config.limits.max_connections_per_mesh);
-            let arrival = match queries::open_presence(&mut conn, &row, cap).await {
-                Ok(Opened::Opened { silent: true }) => Arrival::TakeOver,
-                Ok(Opened::Opened { silent: false }) => Arrival::New,
-                Ok(Opened::MeshFull) => {
-                    return Err(Refusal::new(
-                        ErrorCode::Capacity,
-                        "this mesh has as many connections as it may",
-                    ))
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "hello refused: presence row not written");
-                    return Err(unavailable());
-                }
+            let Opened {
+                member,
+                display_name,
+                silent,
+            } = handshake::open(&mut conn, &claims, &row, cap).await?;
+            let arrival = if silent {
+                Arrival::TakeOver
+            } else {
+                Arrival::New
             };
             drop(conn);
             let entry = ConnEntry {

@@ -16,6 +16,7 @@ mod queue;
 mod store;
 mod sweep;
 
+pub use common::MemberRow;
 pub use members::*;
 pub use messages::*;
 pub use presence::*;

@@ -3,25 +3,24 @@
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::Uuid as SqlUuid;
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel::sql_types::{BigInt, Bool, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel_async::RunQueryDsl;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::common::Conn;
+use super::common::{Conn, MemberRow};
 use crate::db::schema::mesh::{member, presence};
 use crate::ids::{NodeId, PresenceId, Role, Status};
 
-#[derive(Debug, Clone, Insertable)]
-#[diesel(table_name = presence)]
-pub struct NewPresence {
+/// A new connection's presence row, as its hello asks for it.
+#[derive(Debug, Clone)]
+pub struct HelloPresence {
     pub id: Uuid,
-    pub mesh_id: Uuid,
-    pub member_id: Uuid,
     pub session_id: String,
     pub session_pubkey: Option<String>,
     pub role: Role,
-    pub display_name: String,
+    /// `None`: the member's name.
+    pub display_name: Option<String>,
     pub groups: Value,
     pub pid: Option<i64>,
     pub cwd: Option<String>,
@@ -32,97 +31,156 @@ pub struct NewPresence {
     pub broker_node_id: Uuid,
 }
 
-/// What [`open_presence`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Opened {
+/// What the database is asked about one hello (docs/protocol.md §2.4,
+/// steps 5 to 8).
+#[derive(Debug, Clone)]
+pub struct HelloCheck<'a> {
+    /// Recorded for replay detection; `None` when it already was.
+    pub signature: Option<&'a str>,
+    /// `None`: the hello's meshId is not a uuid (so no member matches).
+    pub mesh_id: Option<Uuid>,
+    pub member_pubkey: &'a str,
+    /// The member id the hello named, lowercased.
+    pub claimed_member_id: Option<String>,
+    /// A plain hello naming a session key: it may not be one another
+    /// member's session proved.
+    pub check_session_key: bool,
+    pub max_live: i64,
+    /// Take the mesh's lock exclusive at once (after [`HelloOutcome::NearCap`]).
+    pub exclusive: bool,
+}
+
+/// What [`open_hello`] decided.
+#[derive(Debug, Clone)]
+pub enum HelloOutcome {
+    Replayed,
+    UnknownMember,
+    Revoked,
+    MemberIdMismatch,
+    /// The hello's session key was proven by another member's session.
+    SessionKeyTaken,
     /// The mesh already has `max_live` live connections: nothing inserted.
     MeshFull,
+    /// Too close to the cap to decide without the mesh's exclusive lock:
+    /// ask again with `exclusive` (the signature is recorded already).
+    NearCap,
     /// Inserted; `silent` when it took over a connection in its grace window.
-    Opened { silent: bool },
+    Opened {
+        member: MemberRow,
+        display_name: String,
+        silent: bool,
+    },
 }
 
-/// Inserts a new connection's presence row, unless the mesh already has
-/// `max_live` live connections. If a closed connection with the same
-/// identity is inside its grace window, that window ends here and the new
-/// connection takes it over silently.
-///
-/// The count and the insert run under a per-mesh transaction lock, so
-/// simultaneous hellos cannot take the mesh past its cap.
-pub async fn open_presence(
+#[derive(QueryableByName)]
+struct HelloRow {
+    #[diesel(sql_type = Text)]
+    outcome: String,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    member_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    member_mesh_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<Text>)]
+    member_name: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    member_pubkey: Option<String>,
+    #[diesel(sql_type = Nullable<Bool>)]
+    member_admin: Option<bool>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    member_created_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    member_revoked_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Text>)]
+    display_name: Option<String>,
+}
+
+/// Runs a hello's database checks and, when they pass, inserts its presence
+/// row: one call of `mesh.open_hello` (see its migration for how the mesh's
+/// connection cap holds without queuing the mesh's hellos behind one lock).
+/// One round trip and one commit, instead of seven round trips and two.
+pub async fn open_hello(
     conn: &mut Conn,
-    row: &NewPresence,
-    max_live: i64,
-) -> QueryResult<Opened> {
-    let row = row.clone();
-    conn.transaction::<_, diesel::result::Error, _>(async move |conn| {
-        diesel::sql_query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))")
-            .bind::<SqlUuid, _>(row.mesh_id)
-            .execute(conn)
-            .await?;
-        let live: i64 = presence::table
-            .filter(presence::mesh_id.eq(row.mesh_id))
-            .filter(presence::disconnected_at.is_null())
-            .count()
-            .get_result(conn)
-            .await?;
-        if live >= max_live {
-            return Ok(Opened::MeshFull);
-        }
-        let in_grace = presence::table
-            .filter(presence::mesh_id.eq(row.mesh_id))
-            .filter(presence::grace_until.gt(diesel::dsl::now));
-        let taken: Vec<Uuid> = if row.role == Role::Session {
-            diesel::update(in_grace.filter(presence::role.eq(Role::Session)).filter(
-                presence::session_pubkey.eq(row.session_pubkey.clone().unwrap_or_default()),
+    check: &HelloCheck<'_>,
+    row: &HelloPresence,
+) -> QueryResult<HelloOutcome> {
+    let r: HelloRow = diesel::sql_query(
+        "SELECT * FROM mesh.open_hello($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
+                                       $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
+    )
+    .bind::<Nullable<Text>, _>(check.signature)
+    .bind::<Nullable<SqlUuid>, _>(check.mesh_id)
+    .bind::<Text, _>(check.member_pubkey)
+    .bind::<Nullable<Text>, _>(check.claimed_member_id.as_deref())
+    .bind::<Bool, _>(check.check_session_key)
+    .bind::<BigInt, _>(check.max_live)
+    .bind::<Bool, _>(check.exclusive)
+    .bind::<SqlUuid, _>(row.id)
+    .bind::<Text, _>(&row.session_id)
+    .bind::<Nullable<Text>, _>(row.session_pubkey.as_deref())
+    .bind::<Text, _>(row.role)
+    .bind::<Nullable<Text>, _>(row.display_name.as_deref())
+    .bind::<Jsonb, _>(&row.groups)
+    .bind::<Nullable<BigInt>, _>(row.pid)
+    .bind::<Nullable<Text>, _>(row.cwd.as_deref())
+    .bind::<Nullable<Text>, _>(row.hostname.as_deref())
+    .bind::<Nullable<Text>, _>(row.peer_type.as_deref())
+    .bind::<Nullable<Text>, _>(row.channel.as_deref())
+    .bind::<Nullable<Text>, _>(row.model.as_deref())
+    .bind::<SqlUuid, _>(row.broker_node_id)
+    .get_result(conn)
+    .await?;
+    let silent = match r.outcome.as_str() {
+        "replayed" => return Ok(HelloOutcome::Replayed),
+        "unknown" => return Ok(HelloOutcome::UnknownMember),
+        "revoked" => return Ok(HelloOutcome::Revoked),
+        "member_id_mismatch" => return Ok(HelloOutcome::MemberIdMismatch),
+        "key_taken" => return Ok(HelloOutcome::SessionKeyTaken),
+        "full" => return Ok(HelloOutcome::MeshFull),
+        "near_cap" => return Ok(HelloOutcome::NearCap),
+        "opened" => false,
+        "took_over" => true,
+        other => {
+            return Err(diesel::result::Error::DeserializationError(
+                format!("mesh.open_hello answered {other:?}").into(),
             ))
-            .set(presence::grace_until.eq(None::<DateTime<Utc>>))
-            .returning(presence::id)
-            .get_results(conn)
-            .await?
-        } else {
-            diesel::update(
-                in_grace
-                    .filter(presence::role.ne(Role::Session))
-                    .filter(presence::member_id.eq(row.member_id))
-                    .filter(presence::session_id.eq(&row.session_id))
-                    // The replacement rule (`routing::replaces`): the same
-                    // session key too, both absent or equal.
-                    .filter(
-                        presence::session_pubkey.is_not_distinct_from(row.session_pubkey.clone()),
-                    ),
-            )
-            .set(presence::grace_until.eq(None::<DateTime<Utc>>))
-            .returning(presence::id)
-            .get_results(conn)
-            .await?
-        };
-        diesel::insert_into(presence::table)
-            .values(&row)
-            .execute(conn)
-            .await?;
-        Ok(Opened::Opened {
-            silent: !taken.is_empty(),
-        })
+        }
+    };
+    let missing =
+        || diesel::result::Error::DeserializationError("mesh.open_hello: no member".into());
+    let member = MemberRow {
+        id: r.member_id.ok_or_else(missing)?,
+        mesh_id: r.member_mesh_id.ok_or_else(missing)?,
+        name: r.member_name.ok_or_else(missing)?,
+        pubkey: r.member_pubkey.ok_or_else(missing)?,
+        admin: r.member_admin.ok_or_else(missing)?,
+        created_at: r.member_created_at.ok_or_else(missing)?,
+        revoked_at: r.member_revoked_at,
+    };
+    Ok(HelloOutcome::Opened {
+        member,
+        display_name: r.display_name.ok_or_else(missing)?,
+        silent,
     })
-    .await
 }
 
-/// Marks a connection closed; with `grace` it stays listed (and can be
-/// taken over) until then.
-pub async fn close_presence(
+/// Marks many connections closed in one statement, all with the same
+/// grace (`None`: none): a broker whose clients all go at once (a network
+/// blip, a deploy on their side) closes thousands of rows together, and one
+/// checkout and one UPDATE per row queued past the pool's checkout timeout.
+pub async fn close_presences(
     conn: &mut Conn,
-    id: PresenceId,
+    ids: &[PresenceId],
     grace: Option<std::time::Duration>,
-) -> QueryResult<()> {
+) -> QueryResult<usize> {
+    let ids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
     let grace_until = grace.map(|g| Utc::now() + chrono::Duration::from_std(g).unwrap_or_default());
-    diesel::update(presence::table.find(id.0))
+    diesel::update(presence::table.filter(presence::id.eq_any(ids)))
         .set((
             presence::disconnected_at.eq(diesel::dsl::now),
             presence::grace_until.eq(grace_until),
         ))
         .execute(conn)
-        .await?;
-    Ok(())
+        .await
 }
 
 pub async fn set_status(conn: &mut Conn, id: PresenceId, status: Status) -> QueryResult<()> {
@@ -247,25 +305,6 @@ pub async fn member_of_session(
         .first(conn)
         .await
         .optional()
-}
-
-/// Whether a member other than `member_id` proved session key `key` in
-/// this mesh (a `session` row: only `session_hello` makes those).
-pub async fn session_key_proven_by_other(
-    conn: &mut Conn,
-    mesh_id: Uuid,
-    key: &str,
-    member_id: Uuid,
-) -> QueryResult<bool> {
-    diesel::select(diesel::dsl::exists(
-        presence::table
-            .filter(presence::mesh_id.eq(mesh_id))
-            .filter(presence::session_pubkey.eq(key))
-            .filter(presence::role.eq(Role::Session))
-            .filter(presence::member_id.ne(member_id)),
-    ))
-    .get_result(conn)
-    .await
 }
 
 /// Live `session` connections whose session id is `session_id` (the hook).
