@@ -30,8 +30,8 @@ const MAILBOX: usize = 1 << 16;
 pub trait Job: Clone + Unpin + 'static {
     /// One request.
     type In: Send + Unpin + 'static;
-    /// Its answer.
-    type Out: Send + Unpin + 'static;
+    /// Its answer when the round succeeded.
+    type Done: Send + Unpin + 'static;
     /// The kind the actor is counted as in `meshbroker_actors`.
     const KIND: ActorKind;
     /// Most requests one batch takes: bounds a round's length and the wait
@@ -44,13 +44,7 @@ pub trait Job: Clone + Unpin + 'static {
         &self,
         shared: Arc<Shared>,
         batch: Vec<Self::In>,
-    ) -> LocalBoxFuture<'static, Result<Vec<Self::Out>, QueryError>>;
-
-    /// The answer to each request of a batch that failed as a whole.
-    fn failed(error: &Arc<QueryError>) -> Self::Out;
-
-    /// The answer when the batcher stopped before answering.
-    fn stopped() -> Self::Out;
+    ) -> LocalBoxFuture<'static, Result<Vec<Out<Self>>, QueryError>>;
 
     /// The weight of one request against [`Job::MAX_BATCH`] (rows, not
     /// requests, where one request carries many).
@@ -59,16 +53,30 @@ pub trait Job: Clone + Unpin + 'static {
     }
 }
 
-/// A request to a [`Batcher`]; answered with the job's `Out`.
+/// One request's answer: what the job made of it, or why there is none.
+pub type Out<J> = Result<<J as Job>::Done, BatchFailed>;
+
+/// Why a request got no answer of its job's; to a sender, `unavailable`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BatchFailed {
+    /// Its round failed as a whole: nothing of it happened.
+    #[error("{0}")]
+    Query(Arc<QueryError>),
+    /// The batcher stopped (and was restarted) before answering.
+    #[error("the batcher stopped before answering")]
+    Stopped,
+}
+
+/// A request to a [`Batcher`].
 pub struct Submit<J: Job>(pub J::In);
 
 impl<J: Job> Message for Submit<J> {
-    type Result = J::Out;
+    type Result = Out<J>;
 }
 
 struct Pending<J: Job> {
     input: J::In,
-    reply: oneshot::Sender<J::Out>,
+    reply: oneshot::Sender<Out<J>>,
 }
 
 pub struct Batcher<J: Job> {
@@ -131,7 +139,7 @@ impl<J: Job> Batcher<J> {
                     tracing::warn!(kind = ?J::KIND, requests = replies.len(), error = %e, "batch failed");
                     let e = Arc::new(e);
                     for reply in replies {
-                        let _ = reply.send(J::failed(&e));
+                        let _ = reply.send(Err(BatchFailed::Query(e.clone())));
                     }
                 }
             }
@@ -168,7 +176,7 @@ impl<J: Job> Supervised for Batcher<J> {
 }
 
 impl<J: Job> Handler<Submit<J>> for Batcher<J> {
-    type Result = ResponseFuture<J::Out>;
+    type Result = ResponseFuture<Out<J>>;
 
     fn handle(&mut self, msg: Submit<J>, ctx: &mut Self::Context) -> Self::Result {
         self.shared.metrics.actor_message(J::KIND);
@@ -178,6 +186,6 @@ impl<J: Job> Handler<Submit<J>> for Batcher<J> {
             reply,
         });
         self.run_next(ctx);
-        Box::pin(async move { answer.await.unwrap_or_else(|_| J::stopped()) })
+        Box::pin(async move { answer.await.unwrap_or(Err(BatchFailed::Stopped)) })
     }
 }

@@ -7,30 +7,23 @@
 //! ack is the drain's, answered with what it marked delivered.
 //!
 //! Each round is one statement in a transaction of its own (one round
-//! trip). Its commit waits for the WAL flush like any other; PostgreSQL
-//! flushes the commits of concurrent rounds together.
+//! trip), committed without waiting for the WAL flush (see
+//! `queries::claim_many`): a claim or ack lost to a PostgreSQL crash only
+//! makes a delivery eligible again, which at-least-once delivery allows. A
+//! send's store, which `queued:true` promises, always waits for the flush.
 
 use std::sync::Arc;
 
 use futures_util::future::LocalBoxFuture;
 use futures_util::FutureExt;
 
-use super::batch::{Batcher, Job};
+use super::batch::{Batcher, Job, Out};
 use super::Shared;
 use crate::db::queries::{self, AckSpec, Acked, ClaimSpec, Claimed};
 use crate::db::QueryError;
 use crate::ids::MemberId;
 use crate::metrics::ActorKind;
 use crate::routing::ClaimPlan;
-
-/// A batch failed as a whole; what the requester sees.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum BatchFailed {
-    #[error("{0}")]
-    Query(Arc<QueryError>),
-    #[error("the batcher stopped before answering")]
-    Stopped,
-}
 
 /// One drain's claim pass: its member and what each connection may take.
 pub struct ClaimPass {
@@ -46,7 +39,7 @@ pub type Claimer = Batcher<ClaimJob>;
 impl Job for ClaimJob {
     type In = ClaimPass;
     /// Per plan, in order, the rows claimed.
-    type Out = Result<Vec<Vec<Claimed>>, BatchFailed>;
+    type Done = Vec<Vec<Claimed>>;
     const KIND: ActorKind = ActorKind::Claimer;
     /// Plans, each up to `delivery.claim_batch` rows.
     const MAX_BATCH: usize = 256;
@@ -59,7 +52,7 @@ impl Job for ClaimJob {
         &self,
         shared: Arc<Shared>,
         passes: Vec<ClaimPass>,
-    ) -> LocalBoxFuture<'static, Result<Vec<Self::Out>, QueryError>> {
+    ) -> LocalBoxFuture<'static, Result<Vec<Out<Self>>, QueryError>> {
         async move {
             let cfg = &shared.config.delivery;
             let specs: Vec<ClaimSpec<'_>> = passes
@@ -87,14 +80,6 @@ impl Job for ClaimJob {
         }
         .boxed_local()
     }
-
-    fn failed(error: &Arc<QueryError>) -> Self::Out {
-        Err(BatchFailed::Query(error.clone()))
-    }
-
-    fn stopped() -> Self::Out {
-        Err(BatchFailed::Stopped)
-    }
 }
 
 #[derive(Clone)]
@@ -105,7 +90,7 @@ pub type Acker = Batcher<AckJob>;
 impl Job for AckJob {
     type In = AckSpec;
     /// What the ack marked delivered.
-    type Out = Result<Vec<Acked>, BatchFailed>;
+    type Done = Vec<Acked>;
     const KIND: ActorKind = ActorKind::Acker;
     const MAX_BATCH: usize = 1024;
 
@@ -113,20 +98,12 @@ impl Job for AckJob {
         &self,
         shared: Arc<Shared>,
         acks: Vec<AckSpec>,
-    ) -> LocalBoxFuture<'static, Result<Vec<Self::Out>, QueryError>> {
+    ) -> LocalBoxFuture<'static, Result<Vec<Out<Self>>, QueryError>> {
         async move {
             let mut conn = shared.pool.get().await?;
             let rows = queries::ack_many(&mut conn, &acks).await?;
             Ok(rows.into_iter().map(Ok).collect())
         }
         .boxed_local()
-    }
-
-    fn failed(error: &Arc<QueryError>) -> Self::Out {
-        Err(BatchFailed::Query(error.clone()))
-    }
-
-    fn stopped() -> Self::Out {
-        Err(BatchFailed::Stopped)
     }
 }

@@ -14,8 +14,8 @@ use std::time::Duration;
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 
-use super::batch::Submit;
-use super::claims::{Acker, BatchFailed, ClaimPass, Claimer};
+use super::batch::{BatchFailed, Submit};
+use super::claims::{Acker, ClaimPass, Claimer};
 use super::conn::{ConnHandle, Outbound};
 use super::Shared;
 use crate::db::queries::{self, AckSpec, Claimed};

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use futures_util::future::LocalBoxFuture;
 use futures_util::FutureExt;
 
-use super::batch::{Batcher, Job};
+use super::batch::{BatchFailed, Batcher, Job, Out};
 use super::wake::WakeMembers;
 use super::Shared;
 use crate::db::queries::{self, BatchSend, NewMessage, Recipient, SendOutcome};
@@ -41,15 +41,6 @@ pub enum Stored {
     Outcome(SendOutcome),
     /// A pubkey target never known in this mesh: nothing stored.
     UnknownTarget,
-}
-
-/// Why a send was not stored; to its sender, `unavailable`.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum WriteError {
-    #[error("{0}")]
-    Query(Arc<QueryError>),
-    #[error("the writer stopped before answering")]
-    Stopped,
 }
 
 #[derive(Clone)]
@@ -79,7 +70,7 @@ pub type Writer = Batcher<WriteJob>;
 
 impl Job for WriteJob {
     type In = Store;
-    type Out = Result<Stored, WriteError>;
+    type Done = Stored;
     const KIND: ActorKind = ActorKind::Writer;
     /// Bounds a transaction's length and the wait of its first send.
     const MAX_BATCH: usize = 512;
@@ -88,7 +79,7 @@ impl Job for WriteJob {
         &self,
         shared: Arc<Shared>,
         stores: Vec<Store>,
-    ) -> LocalBoxFuture<'static, Result<Vec<Self::Out>, QueryError>> {
+    ) -> LocalBoxFuture<'static, Result<Vec<Out<Self>>, QueryError>> {
         let wake = self.wake.clone();
         let members = self.members.clone();
         async move {
@@ -96,7 +87,7 @@ impl Job for WriteJob {
             let mut conn = shared.pool.get().await?;
             let targets = resolve(&mut conn, &members, &stores).await?;
             let mut sends = Vec::with_capacity(stores.len());
-            let mut out: Vec<Option<Self::Out>> = Vec::with_capacity(stores.len());
+            let mut out: Vec<Option<Out<Self>>> = Vec::with_capacity(stores.len());
             for (store, recipients) in stores.into_iter().zip(targets) {
                 match recipients {
                     Some(recipients) => {
@@ -109,7 +100,7 @@ impl Job for WriteJob {
                     None => out.push(Some(Ok(Stored::UnknownTarget))),
                 }
             }
-            let outcomes: Vec<Self::Out> = match queries::store_batch(&mut conn, &sends, window).await {
+            let outcomes: Vec<Out<Self>> = match queries::store_batch(&mut conn, &sends, window).await {
                 Ok(outcomes) => outcomes.into_iter().map(|o| Ok(Stored::Outcome(o))).collect(),
                 Err(e) => {
                     tracing::warn!(error = %e, sends = sends.len(), "batch not stored; storing its sends one by one");
@@ -135,14 +126,6 @@ impl Job for WriteJob {
         }
         .boxed_local()
     }
-
-    fn failed(error: &Arc<QueryError>) -> Self::Out {
-        Err(WriteError::Query(error.clone()))
-    }
-
-    fn stopped() -> Self::Out {
-        Err(WriteError::Stopped)
-    }
 }
 
 /// Stores each send in a transaction of its own (after a batch failed).
@@ -150,13 +133,13 @@ async fn one_by_one(
     conn: &mut PgConn,
     sends: &[BatchSend],
     window: std::time::Duration,
-) -> Vec<Result<Stored, WriteError>> {
+) -> Vec<Out<WriteJob>> {
     let mut out = Vec::with_capacity(sends.len());
     for send in sends {
         let one = queries::store_message(conn, send.msg.clone(), send.recipients.clone(), window)
             .await
             .map(Stored::Outcome)
-            .map_err(|e| WriteError::Query(Arc::new(e.into())));
+            .map_err(|e| BatchFailed::Query(Arc::new(e.into())));
         out.push(one);
     }
     out

@@ -6,8 +6,8 @@ use actix::prelude::*;
 use uuid::Uuid;
 
 use super::{Ctx, Io, Ready, WsSession};
-use crate::actors::batch::Submit;
-use crate::actors::writer::{Store, Stored, WriteError};
+use crate::actors::batch::{BatchFailed, Submit};
+use crate::actors::writer::{Store, Stored};
 use crate::db::queries::{NewMessage, SendOutcome};
 use crate::error_code::ErrorCode;
 use crate::ids::{MemberId, Priority};
@@ -118,7 +118,7 @@ fn ack_for(
     id: String,
     priority: Priority,
     target_spec: &str,
-    result: Result<Result<Stored, WriteError>, MailboxError>,
+    result: Result<Result<Stored, BatchFailed>, MailboxError>,
 ) -> SendAck {
     let refused = |code: ErrorCode, text: &str| {
         metrics.message_rejected(code);
