@@ -38,8 +38,7 @@ pub async fn establish(url: &str) -> ConnectionResult<AsyncPgConnection> {
     use diesel_async::SimpleAsyncConnection;
     let mut conn = AsyncPgConnection::establish(url).await?;
     conn.batch_execute(&format!(
-        "SET application_name = 'meshbroker'; SET statement_timeout = {STATEMENT_TIMEOUT_MS}; \
-         SET plan_cache_mode = force_custom_plan"
+        "SET application_name = 'meshbroker'; SET statement_timeout = {STATEMENT_TIMEOUT_MS}"
     ))
     .await
     .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;

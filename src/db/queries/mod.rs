@@ -9,7 +9,6 @@
 
 mod cached;
 mod common;
-mod members;
 mod messages;
 mod presence;
 mod queue;
@@ -17,7 +16,6 @@ mod store;
 mod sweep;
 
 pub use common::MemberRow;
-pub use members::*;
 pub use messages::*;
 pub use presence::*;
 pub use queue::*;

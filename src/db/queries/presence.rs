@@ -283,30 +283,6 @@ pub async fn listed_presence(conn: &mut Conn, mesh_id: Uuid) -> QueryResult<Vec<
         .await
 }
 
-/// The member that ever connected in this mesh with session pubkey `key`.
-///
-/// A `session_hello` proves the key (the session signs with it); a plain
-/// `hello` only names one, so any member could name another's session key
-/// there. The proven owner therefore wins over every hello that named the
-/// key, however recent.
-pub async fn member_of_session(
-    conn: &mut Conn,
-    mesh_id: Uuid,
-    key: &str,
-) -> QueryResult<Option<Uuid>> {
-    presence::table
-        .filter(presence::mesh_id.eq(mesh_id))
-        .filter(presence::session_pubkey.eq(key))
-        .order((
-            presence::role.eq(Role::Session).desc(),
-            presence::connected_at.desc(),
-        ))
-        .select(presence::member_id)
-        .first(conn)
-        .await
-        .optional()
-}
-
 /// Live `session` connections whose session id is `session_id` (the hook).
 pub async fn live_sessions_by_session_id(
     conn: &mut Conn,

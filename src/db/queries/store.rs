@@ -351,9 +351,13 @@ struct Resolved {
 }
 
 /// Who a batch of pubkey targets names, in two statements: a member by
-/// its pubkey (member-wide), else the member whose connection proved that
-/// session key (keyed to it; a `session` row first, then the newest).
-/// `None` for a pubkey never known in its mesh.
+/// its pubkey (member-wide), else the member that ever connected in the
+/// mesh with that session pubkey (keyed to it). A `session_hello` proves
+/// the key (the session signs with it); a plain `hello` only names one, so
+/// any member could name another's session key there: the proven owner (a
+/// `session` row) therefore wins over every hello that named the key,
+/// however recent, then the newest. `None` for a pubkey never known in its
+/// mesh.
 pub async fn resolve_pubkeys(
     conn: &mut Conn,
     targets: &[(MeshId, &str)],
