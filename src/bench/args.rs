@@ -85,6 +85,11 @@ pub struct BenchArgs {
     /// prints, one JSON object per line or one array.
     #[arg(long, value_name = "FILE", requires = "url")]
     pub provision: Option<PathBuf>,
+    /// Serve this meshbroker executable instead of this one (our own broker
+    /// only): one load generator against two builds, to compare them in one
+    /// sitting.
+    #[arg(long, value_name = "PATH", conflicts_with = "url")]
+    pub broker_exe: Option<PathBuf>,
     /// Seed of the random choice of recipients.
     #[arg(long)]
     pub seed: Option<u64>,

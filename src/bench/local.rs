@@ -63,8 +63,11 @@ impl LocalBroker {
         let config_path = dir.path().join("meshbroker.toml");
         std::fs::write(&config_path, config_toml(args, port, &data_dir))?;
         let log = std::fs::File::create(dir.path().join("broker.log"))?;
-        let exe = std::env::current_exe().context("cannot find this executable")?;
-        let child = Command::new(exe)
+        let exe = match &args.broker_exe {
+            Some(exe) => exe.clone(),
+            None => std::env::current_exe().context("cannot find this executable")?,
+        };
+        let child = Command::new(&exe)
             .arg("--config")
             .arg(&config_path)
             .arg("serve")
@@ -77,7 +80,7 @@ impl LocalBroker {
             // then stops the broker in order.
             .process_group(0)
             .spawn()
-            .context("cannot start meshbroker serve")?;
+            .with_context(|| format!("cannot start {} serve", exe.display()))?;
         stop_when_we_exit(child.id());
         let mut broker = LocalBroker {
             dir,
