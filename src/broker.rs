@@ -13,6 +13,7 @@ use actix_web::{web, App, HttpServer};
 
 use crate::actors::backlog::SocketOf;
 use crate::actors::batch::Batcher;
+use crate::actors::bus::Bus;
 use crate::actors::claims::{AckJob, ClaimJob};
 use crate::actors::drain::DrainHome;
 use crate::actors::janitor::Janitor;
@@ -75,6 +76,7 @@ pub async fn start(
         pool,
         metrics: Arc::new(Metrics::new()),
         node_id: NodeId::new(),
+        cluster: Default::default(),
     });
     // Claims, acks and sends are batched on a thread of their own; drains
     // are spread over one thread per core.
@@ -96,8 +98,28 @@ pub async fn start(
         shared.clone(),
         WriteJob::new(registry.clone().recipient()),
     );
+    // The bus on a thread of its own: its heartbeat must not queue behind
+    // a busy batcher or drain.
+    let bus_thread = Arbiter::new();
+    let node = queries::NodeInfo {
+        id: shared.node_id.0,
+        listen: local_addr.to_string(),
+        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default(),
+        pid: std::process::id() as i32,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let bus = {
+        let (shared, registry) = (shared.clone(), registry.clone());
+        Bus::start_in_arbiter(&bus_thread.handle(), move |_| {
+            Bus::new(shared, registry, node)
+        })
+    };
+    registry.do_send(registry::AttachBus(bus.recipient()));
     let mut arbiters = drain_threads;
     arbiters.push(batching);
+    arbiters.push(bus_thread);
     let fail_next = Arc::new(AtomicBool::new(false));
     let sweeper = {
         let (shared, registry, fail_next) = (shared.clone(), registry.clone(), fail_next.clone());
@@ -184,6 +206,8 @@ impl Broker {
         }
         if let Ok(mut conn) = self.shared.pool.get().await {
             let _ = queries::release_node_claims(&mut conn, self.shared.node_id).await;
+            // Leaving: the next oldest node leads from its next heartbeat.
+            let _ = queries::leave(&mut conn, self.shared.node_id.0).await;
         }
         self.server.stop(true).await;
         let _ = self.server_task.await;

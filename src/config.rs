@@ -44,6 +44,7 @@ pub struct Config {
     pub sweeper: SweeperConfig,
     pub janitor: JanitorConfig,
     pub presence: PresenceConfig,
+    pub cluster: ClusterConfig,
     pub limits: LimitsConfig,
     pub log: LogConfig,
 }
@@ -184,6 +185,32 @@ impl Default for PresenceConfig {
     }
 }
 
+/// Many brokers on one database (docs/cluster.md). Nothing needs setting
+/// for brokers to form a cluster: sharing `database.url` is enough.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Period of this node's heartbeat (and of its look for dead nodes).
+    pub heartbeat_interval: Dur,
+    /// A node whose heartbeat is older than this is declared dead by
+    /// another: its leases are released and its connections closed with
+    /// the takeover grace window.
+    pub dead_after: Dur,
+    /// Period of the safety-net poll for claimable deliveries of this
+    /// node's members: what a lost notification costs at most.
+    pub poll_interval: Dur,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Dur::secs(1),
+            dead_after: Dur::secs(5),
+            poll_interval: Dur::secs(1),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -307,7 +334,13 @@ impl Config {
                 return invalid(key, value.to_string(), "must be at least 1");
             }
         }
-        let durations: [(&'static str, Dur); 11] = [
+        let durations: [(&'static str, Dur); 14] = [
+            (
+                "cluster.heartbeat_interval",
+                self.cluster.heartbeat_interval,
+            ),
+            ("cluster.dead_after", self.cluster.dead_after),
+            ("cluster.poll_interval", self.cluster.poll_interval),
             ("delivery.lease", self.delivery.lease),
             ("limits.hello_timeout", self.limits.hello_timeout),
             ("delivery.message_ttl", self.delivery.message_ttl),
@@ -324,6 +357,13 @@ impl Config {
             if value.0.is_zero() && key != "presence.grace" {
                 return invalid(key, value.to_string(), "must be longer than zero");
             }
+        }
+        if self.cluster.dead_after.0 < self.cluster.heartbeat_interval.0 * 3 {
+            return invalid(
+                "cluster.dead_after",
+                self.cluster.dead_after.to_string(),
+                "must be at least 3 × cluster.heartbeat_interval (one late heartbeat must not kill a node)",
+            );
         }
         if self.presence.pong_timeout.0 <= self.presence.ping_interval.0 {
             return invalid(

@@ -137,9 +137,16 @@ async fn ready(state: web::Data<AppState>) -> HttpResponse {
 
 async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let shared = &state.shared;
-    let queue = match shared.pool.get().await {
-        Ok(mut conn) => queries::queue_depth(&mut conn).await.ok(),
-        Err(_) => None,
+    // A cluster-wide gauge, reported by one node: the leader (or a node
+    // alone, before its first heartbeat).
+    let cluster = &shared.cluster;
+    let queue = if cluster.is_leader() || cluster.live_nodes() <= 1 {
+        match shared.pool.get().await {
+            Ok(mut conn) => queries::queue_depth(&mut conn).await.ok(),
+            Err(_) => None,
+        }
+    } else {
+        None
     };
     let s = shared.pool.state();
     let pool = PoolState {
@@ -148,7 +155,14 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     };
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(shared.metrics.render(queue, pool))
+        .body(
+            shared.metrics.render(queue, pool)
+                + &shared.metrics.render_cluster(
+                    &shared.node_id.to_string(),
+                    cluster.live_nodes(),
+                    cluster.is_leader(),
+                ),
+        )
 }
 
 #[derive(Deserialize)]

@@ -25,13 +25,15 @@ pub enum ActorKind {
     Claimer,
     /// The batcher of acks.
     Acker,
+    /// This node in the cluster.
+    Bus,
 }
 
 /// The actors that run batched rounds.
 const BATCHING: [ActorKind; 3] = [ActorKind::Writer, ActorKind::Claimer, ActorKind::Acker];
 
 /// Number of [`ActorKind`]s: the size of every per-kind series.
-const KINDS: usize = 8;
+const KINDS: usize = 9;
 
 impl ActorKind {
     const ALL: [ActorKind; KINDS] = [
@@ -43,6 +45,7 @@ impl ActorKind {
         ActorKind::Writer,
         ActorKind::Claimer,
         ActorKind::Acker,
+        ActorKind::Bus,
     ];
     fn label(self) -> &'static str {
         match self {
@@ -54,6 +57,7 @@ impl ActorKind {
             ActorKind::Writer => "writer",
             ActorKind::Claimer => "claimer",
             ActorKind::Acker => "acker",
+            ActorKind::Bus => "bus",
         }
     }
 }
@@ -118,22 +122,32 @@ impl Histogram {
         self.sum_micros.fetch_add((seconds * 1e6) as u64, Relaxed);
     }
     fn render(&self, out: &mut String, name: &str, help: &str) {
+        self.render_labeled(out, name, help, "");
+    }
+
+    /// As `render`, with `labels` (`a="b"`, or empty) on every sample.
+    fn render_labeled(&self, out: &mut String, name: &str, help: &str, labels: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let (sep, braces) = if labels.is_empty() {
+            ("", String::new())
+        } else {
+            (",", format!("{{{labels}}}"))
+        };
         for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
             let _ = writeln!(
                 out,
-                "{name}_bucket{{le=\"{bound}\"}} {}",
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {}",
                 bucket.load(Relaxed)
             );
         }
         let count = self.count.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
         let _ = writeln!(
             out,
-            "{name}_sum {}",
+            "{name}_sum{braces} {}",
             self.sum_micros.load(Relaxed) as f64 / 1e6
         );
-        let _ = writeln!(out, "{name}_count {count}");
+        let _ = writeln!(out, "{name}_count{braces} {count}");
     }
 }
 
@@ -171,6 +185,54 @@ pub struct Metrics {
     pub janitor_runs: AtomicU64,
     /// Times the supervisor restarted the embedded PostgreSQL.
     embedded_postgres_restarts: AtomicU64,
+    /// What the bus counts (this node in the cluster).
+    pub cluster: ClusterCounters,
+}
+
+/// What the cluster bus counts; rendered by [`Metrics::render_cluster`].
+pub struct ClusterCounters {
+    /// Notice items handed to the bus (one per wake-up batch, event, …).
+    pub notices: AtomicU64,
+    /// Notifications sent: one per node per flush, whatever it carried.
+    pub notifications_sent: AtomicU64,
+    pub notifications_received: AtomicU64,
+    /// Notice items that did not need a notification of their own: folded
+    /// into a repeat while a flush ran, or sharing one node's notification.
+    pub coalesced: AtomicU64,
+    /// Notice items dropped because the bus was down (the poll covers them).
+    pub dropped: AtomicU64,
+    /// Members the safety-net poll woke that had waited longer than one
+    /// poll interval: a notice that was lost, or never sent.
+    pub polled: AtomicU64,
+    pub reconnects: AtomicU64,
+    /// Other nodes this one declared dead (and took over).
+    pub nodes_declared_dead: AtomicU64,
+    /// Times this node found itself declared dead and closed its sockets.
+    pub fenced: AtomicU64,
+    /// From a notification's send to its receipt here (across hosts this
+    /// includes their clock difference).
+    notice_seconds: Histogram,
+}
+
+impl ClusterCounters {
+    fn new() -> Self {
+        ClusterCounters {
+            notices: AtomicU64::new(0),
+            notifications_sent: AtomicU64::new(0),
+            notifications_received: AtomicU64::new(0),
+            coalesced: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            polled: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            nodes_declared_dead: AtomicU64::new(0),
+            fenced: AtomicU64::new(0),
+            notice_seconds: Histogram::new(),
+        }
+    }
+
+    pub fn notice_latency(&self, seconds: f64) {
+        self.notice_seconds.observe(seconds);
+    }
 }
 
 /// The tables the janitor deletes from, one label value each.
@@ -256,6 +318,7 @@ impl Metrics {
             retention_deleted: Default::default(),
             janitor_runs: AtomicU64::new(0),
             embedded_postgres_restarts: AtomicU64::new(0),
+            cluster: ClusterCounters::new(),
         }
     }
 
@@ -535,6 +598,84 @@ impl Metrics {
             out,
             "# HELP meshbroker_embedded_postgres_restarts_total Restarts of the embedded PostgreSQL after it died.\n# TYPE meshbroker_embedded_postgres_restarts_total counter\nmeshbroker_embedded_postgres_restarts_total {}",
             self.embedded_postgres_restarts.load(Relaxed)
+        );
+        out
+    }
+}
+
+impl Metrics {
+    /// The cluster's series, each labelled with this node's id.
+    pub fn render_cluster(&self, node: &str, live_nodes: i64, leader: bool) -> String {
+        let c = &self.cluster;
+        let mut out = String::with_capacity(2048);
+        let _ = writeln!(
+            out,
+            "# HELP meshbroker_cluster_nodes Live nodes of the cluster, as this node's last heartbeat saw them.\n# TYPE meshbroker_cluster_nodes gauge\nmeshbroker_cluster_nodes{{node=\"{node}\"}} {live_nodes}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP meshbroker_cluster_leader 1 on the node that runs the cluster-wide housekeeping.\n# TYPE meshbroker_cluster_leader gauge\nmeshbroker_cluster_leader{{node=\"{node}\"}} {}",
+            u8::from(leader)
+        );
+        let counters: [(&str, &str, &AtomicU64); 9] = [
+            (
+                "notices",
+                "Notice items for other nodes (wake-ups, events, closes).",
+                &c.notices,
+            ),
+            (
+                "notifications_sent",
+                "NOTIFYs sent: one per node per flush.",
+                &c.notifications_sent,
+            ),
+            (
+                "notifications_received",
+                "Notifications received from other nodes.",
+                &c.notifications_received,
+            ),
+            (
+                "notices_coalesced",
+                "Notice items that shared a notification or were folded into a repeat.",
+                &c.coalesced,
+            ),
+            (
+                "notices_dropped",
+                "Notice items dropped while the bus was down (the poll covers them).",
+                &c.dropped,
+            ),
+            (
+                "missed_then_polled",
+                "Members the safety-net poll woke after waiting longer than one poll interval.",
+                &c.polled,
+            ),
+            (
+                "bus_reconnects",
+                "Times the bus's own database connection was re-established.",
+                &c.reconnects,
+            ),
+            (
+                "nodes_declared_dead",
+                "Other nodes this node declared dead and took over.",
+                &c.nodes_declared_dead,
+            ),
+            (
+                "fenced",
+                "Times this node found itself declared dead and closed its sockets.",
+                &c.fenced,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP meshbroker_cluster_{name}_total {help}\n# TYPE meshbroker_cluster_{name}_total counter\nmeshbroker_cluster_{name}_total{{node=\"{node}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+        c.notice_seconds.render_labeled(
+            &mut out,
+            "meshbroker_cluster_notice_seconds",
+            "From a notification's send on another node to its receipt here.",
+            &format!("node=\"{node}\""),
         );
         out
     }

@@ -49,6 +49,8 @@ pub enum CloseReason {
     SlowConsumer,
     /// The broker is stopping.
     Shutdown,
+    /// Another node declared this one dead and took its connections over.
+    Fenced,
 }
 
 impl CloseReason {
@@ -56,6 +58,7 @@ impl CloseReason {
         match self {
             CloseReason::Replaced | CloseReason::Disconnected => 1000,
             CloseReason::Shutdown => 1001,
+            CloseReason::Fenced => 1012,
             CloseReason::SlowConsumer => 1013,
             CloseReason::Kicked => 4001,
             CloseReason::Revoked => 4002,
@@ -70,6 +73,7 @@ impl CloseReason {
             CloseReason::Revoked => "revoked",
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::Shutdown => "broker shutting down",
+            CloseReason::Fenced => "node_fenced",
         }
     }
 }

@@ -1,11 +1,11 @@
 //! The janitor: on a timer (`janitor.interval`), deletes what can no longer
-//! matter so the tables stop growing under steady traffic, and wakes the
-//! drains of this broker's members that have claimable deliveries.
+//! matter so the tables stop growing under steady traffic. In a cluster
+//! only the leader runs it (see [`super::bus`]): the walk over all messages
+//! then runs once, not once per node. (Waking drains whose members have
+//! claimable deliveries, its first step once, is the bus's poll now.)
 //!
 //! One pass, in this order (queries in [`crate::db::lifecycle`]):
-//! 1. wake: members connected here with a delivery they could claim now —
-//!    a safety net for changes made outside this process, such as
-//!    `meshbroker dead-letters requeue`, which no event would announce;
+//! 1. rows of nodes dead for longer than `delivery.retention`;
 //! 2. deliveries past `expires_at` (`message_ttl`), in any state;
 //! 3. delivered deliveries older than `delivery.retention`;
 //! 4. the messages of 2 and 3 that no delivery refers to any more, whose
@@ -32,10 +32,10 @@ use std::time::Duration;
 use actix::prelude::*;
 use uuid::Uuid;
 
-use super::registry::{self, Registry};
+use super::registry::Registry;
 use super::{PassError, Shared};
 use crate::db::lifecycle::{self, WalkCursor};
-use crate::ids::MemberId;
+use crate::db::queries;
 use crate::metrics::{ActorKind, Metrics, RetentionTable};
 
 /// Rows one statement deletes at most.
@@ -47,7 +47,8 @@ const CATCH_UP: Duration = Duration::from_millis(200);
 
 pub struct Janitor {
     shared: Arc<Shared>,
-    registry: Addr<Registry>,
+    /// Kept for the supervisor's factory; the janitor tells it nothing now.
+    _registry: Addr<Registry>,
     /// Set by tests and operators to make the next pass fail.
     fail_next: Arc<AtomicBool>,
     /// A pass is running; a tick during it is skipped.
@@ -59,7 +60,6 @@ pub struct Janitor {
 /// What one pass did.
 #[derive(Debug, Default)]
 struct Pass {
-    wake: Vec<Uuid>,
     deliveries: u64,
     messages: u64,
     presence: u64,
@@ -90,7 +90,7 @@ impl Janitor {
     pub fn new(shared: Arc<Shared>, registry: Addr<Registry>, fail_next: Arc<AtomicBool>) -> Self {
         Janitor {
             shared,
-            registry,
+            _registry: registry,
             fail_next,
             running: false,
             walk: None,
@@ -101,9 +101,12 @@ impl Janitor {
         if self.running {
             return;
         }
+        let fail = self.fail_next.swap(false, Ordering::SeqCst);
+        if !fail && !self.shared.cluster.is_leader() {
+            return;
+        }
         self.running = true;
         let shared = self.shared.clone();
-        let fail = self.fail_next.swap(false, Ordering::SeqCst);
         let walk = self.walk;
         let fut = async move {
             if fail {
@@ -130,11 +133,6 @@ impl Janitor {
                         );
                     }
                     act.walk = pass.walk;
-                    if !pass.wake.is_empty() {
-                        act.registry.do_send(registry::WakeMembers(
-                            pass.wake.into_iter().map(MemberId).collect(),
-                        ));
-                    }
                     if pass.behind {
                         ctx.run_later(CATCH_UP, |act, ctx| act.pass(ctx));
                     }
@@ -153,11 +151,8 @@ async fn run_pass(shared: &Shared, walk: Option<WalkCursor>) -> Result<Pass, Pas
     let delivery = &shared.config.delivery;
     let retention = delivery.retention.get();
     let mut conn = shared.pool.get().await?;
-    let mut pass = Pass {
-        wake: lifecycle::members_to_wake(&mut conn, shared.node_id.0, delivery.max_attempts as i32)
-            .await?,
-        ..Pass::default()
-    };
+    let mut pass = Pass::default();
+    queries::forget_dead_nodes(&mut conn, retention).await?;
 
     let mut freed: HashSet<Uuid> = HashSet::new();
     pass.behind |= batches!(pass.deliveries, {

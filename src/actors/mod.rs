@@ -13,10 +13,13 @@
 //! - [`writer`]: supervised; stores every session's sends, one transaction per batch.
 //! - [`session::WsSession`]: one per WebSocket connection, tagged with its role.
 //! - [`sweeper::Sweeper`]: supervised; leases, dead letters, grace windows.
-//! - [`janitor::Janitor`]: supervised; retention and expiry deletes, wakes drains.
+//! - [`janitor::Janitor`]: supervised; retention and expiry deletes.
+//! - [`bus::Bus`]: this node in the cluster: heartbeat, dead nodes, notices
+//!   to and from other nodes (LISTEN/NOTIFY), the safety-net poll.
 
 pub mod backlog;
 pub mod batch;
+pub mod bus;
 pub mod claims;
 pub mod conn;
 pub mod drain;
@@ -28,6 +31,7 @@ pub mod wake;
 pub mod writer;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -45,6 +49,33 @@ pub struct Shared {
     pub node_id: NodeId,
     /// Per-member send token buckets (`limits.send_burst` / `send_per_sec`).
     pub send_limits: RateLimiter<uuid::Uuid>,
+    /// What this node's last heartbeat learned of the cluster.
+    pub cluster: ClusterView,
+}
+
+/// This node's view of the cluster, written by the bus at each heartbeat.
+#[derive(Debug, Default)]
+pub struct ClusterView {
+    leader: AtomicBool,
+    live_nodes: AtomicI64,
+}
+
+impl ClusterView {
+    /// Whether this node runs the cluster-wide housekeeping now (the
+    /// oldest live node, as its last heartbeat saw it).
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Relaxed)
+    }
+
+    /// Live nodes, this one included (0 before the first heartbeat).
+    pub fn live_nodes(&self) -> i64 {
+        self.live_nodes.load(Relaxed)
+    }
+
+    pub fn set(&self, leader: bool, live_nodes: i64) {
+        self.leader.store(leader, Relaxed);
+        self.live_nodes.store(live_nodes, Relaxed);
+    }
 }
 
 /// Why a pass of a supervised timer actor (sweeper, janitor) failed: the
@@ -124,6 +155,7 @@ pub(crate) fn test_shared() -> Shared {
         pool: Pool::unreachable(),
         metrics: Arc::new(Metrics::default()),
         node_id: NodeId::new(),
+        cluster: ClusterView::default(),
     }
 }
 

@@ -6,6 +6,10 @@
 //! it after its last, routes wake-ups (a message accepted, a status change,
 //! a lease reclaimed) to drains, and sends the system pushes
 //! (`peer_joined`, `peer_left`, `peer_visible`, `peer_hidden`).
+//!
+//! In a cluster it publishes what other nodes must hear (wake-ups, events,
+//! closes) to the bus, and acts on what the bus brings from them
+//! ([`FromPeers`]) for its own connections only.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
@@ -17,8 +21,9 @@ use uuid::Uuid;
 
 use super::conn::{CloseReason, ConnHandle, Outbound};
 use super::drain::{self, Drain, DrainHome, Leaving};
+use super::wake::{CloseFor, Event, Notice, Publish};
 use super::Shared;
-use crate::db::queries;
+use crate::db::queries::{self, Route};
 use crate::ids::{DeliveryId, MemberId, MeshId, PresenceId, Role};
 use crate::metrics::ActorKind;
 use crate::protocol::{self, Push};
@@ -223,6 +228,11 @@ pub struct Registry {
     closing_rows: bool,
     /// Graceful shutdown began: closing connections leave their rows to it.
     shutting_down: bool,
+    /// Connections closed because another node declared this one dead:
+    /// their rows are the takeover's, not theirs to write.
+    fenced: HashSet<PresenceId>,
+    /// Where notices for other nodes go (none in unit tests).
+    bus: Option<Recipient<Publish>>,
 }
 
 impl Registry {
@@ -239,6 +249,15 @@ impl Registry {
             to_close: Vec::new(),
             closing_rows: false,
             shutting_down: false,
+            fenced: HashSet::new(),
+            bus: None,
+        }
+    }
+
+    /// Hands notices to the bus, for the other nodes their routes name.
+    fn publish(&self, items: Vec<(Route, Notice)>) {
+        if let (Some(bus), false) = (&self.bus, items.is_empty()) {
+            bus.do_send(Publish(items));
         }
     }
 
@@ -246,16 +265,29 @@ impl Registry {
         self.shared.metrics.actor_message(ActorKind::Registry);
     }
 
-    /// Sends a system event about `subject` to the mesh's other members.
-    fn announce(&self, subject: &ConnEntry, event: &'static str) {
+    /// Sends a system event about `subject` to the mesh's other members,
+    /// here and on every other node.
+    fn announce(&self, subject: &ConnEntry, event: Event) {
         let text = system_event(
             subject.mesh_id,
-            event,
+            event.name(),
             &subject.display_name,
             subject.pubkey(),
             subject.role,
         );
         self.broadcast_system(subject.mesh_id, subject.member_id, &text);
+        self.publish(vec![(
+            Route::Mesh(subject.mesh_id.0),
+            Notice::Event(event, subject.presence_id),
+        )]);
+    }
+
+    /// A system event about a connection that is not (or no longer) here,
+    /// for this node's connections only.
+    fn announce_subject(&self, event: Event, s: &queries::Subject) {
+        let mesh_id = MeshId(s.mesh_id);
+        let text = system_event(mesh_id, event.name(), &s.display_name, &s.pubkey, s.role);
+        self.broadcast_system(mesh_id, MemberId(s.member_id), &text);
     }
 
     fn broadcast_system(&self, mesh_id: MeshId, except_member: MemberId, text: &str) {
@@ -349,7 +381,7 @@ impl Handler<Connect> for Registry {
             has_session_pubkey: entry.session_pubkey.is_some(),
         });
         if msg.arrival == Arrival::New && replaced.is_empty() && entry.visible {
-            self.announce(&entry, "peer_joined");
+            self.announce(&entry, Event::Joined);
         }
         self.index.insert(&entry);
         self.conns.insert(entry.presence_id, entry);
@@ -375,6 +407,7 @@ impl Handler<Disconnect> for Registry {
         self.index.remove(&entry);
         let replaced = self.replaced.remove(&msg.presence_id);
         let revoked = self.revoked.remove(&msg.presence_id);
+        let fenced = self.fenced.remove(&msg.presence_id);
         let last = !self.index.has_member(entry.member_id);
         if let Some(drain) = self.drains.get(&entry.member_id) {
             drain.do_send(drain::RemoveConn {
@@ -389,13 +422,13 @@ impl Handler<Disconnect> for Registry {
         if last {
             self.drains.remove(&entry.member_id);
         }
-        if self.shutting_down {
+        if self.shutting_down || fenced {
             return;
         }
         let grace = self.shared.config.presence.grace.get();
         let with_grace = !replaced && !revoked && !grace.is_zero();
         if !replaced && !with_grace && entry.visible {
-            self.announce(&entry, "peer_left");
+            self.announce(&entry, Event::Left);
         }
         let presence_id = entry.presence_id;
         if with_grace {
@@ -520,11 +553,18 @@ impl Handler<WakeMembers> for Registry {
 
     fn handle(&mut self, msg: WakeMembers, _: &mut Self::Context) {
         self.count();
-        for member in msg.0 {
-            if let Some(drain) = self.drains.get(&member) {
+        for member in &msg.0 {
+            if let Some(drain) = self.drains.get(member) {
                 drain.do_send(drain::Wake);
             }
         }
+        // The member may be connected to other nodes too.
+        self.publish(
+            msg.0
+                .into_iter()
+                .map(|m| (Route::Member(m.0), Notice::Wake(m)))
+                .collect(),
+        );
     }
 }
 
@@ -538,17 +578,38 @@ impl Handler<Reclaimed> for Registry {
 
     fn handle(&mut self, msg: Reclaimed, _: &mut Self::Context) {
         self.count();
+        let rows: Vec<(MemberId, DeliveryId)> = msg
+            .0
+            .into_iter()
+            .map(|row| (MemberId(row.recipient_member_id), row.id))
+            .collect();
+        self.publish(
+            rows.iter()
+                .map(|&(m, id)| (Route::Member(m.0), Notice::Reclaimed(m, id)))
+                .collect(),
+        );
+        self.reclaimed_here(rows);
+    }
+}
+
+impl Registry {
+    /// Tells the local drains of these members which of their leases the
+    /// sweeper cleared.
+    fn reclaimed_here(&self, rows: Vec<(MemberId, DeliveryId)>) {
         let mut by_member: HashMap<MemberId, Vec<DeliveryId>> = HashMap::new();
-        for row in msg.0 {
-            by_member
-                .entry(MemberId(row.recipient_member_id))
-                .or_default()
-                .push(row.id);
+        for (member, id) in rows {
+            by_member.entry(member).or_default().push(id);
         }
         for (member, ids) in by_member {
             if let Some(drain) = self.drains.get(&member) {
                 drain.do_send(drain::Reclaimed(ids));
             }
+        }
+    }
+
+    fn wake_here(&self, member: MemberId) {
+        if let Some(drain) = self.drains.get(&member) {
+            drain.do_send(drain::Wake);
         }
     }
 }
@@ -594,24 +655,24 @@ impl Handler<Revoked> for Registry {
 /// Closed connections whose grace windows the sweeper ended.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct GraceEnded(pub Vec<queries::GraceEnded>);
+pub struct GraceEnded(pub Vec<queries::Subject>);
 
 impl Handler<GraceEnded> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: GraceEnded, _: &mut Self::Context) {
         self.count();
-        for gone in msg.0 {
-            let mesh_id = MeshId(gone.mesh_id);
-            let text = system_event(
-                mesh_id,
-                "peer_left",
-                &gone.display_name,
-                &gone.pubkey,
-                gone.role,
-            );
-            self.broadcast_system(mesh_id, MemberId(gone.member_id), &text);
+        // The sweeper (the leader's) ends every node's windows: each node
+        // tells its own connections.
+        let mut items = Vec::with_capacity(msg.0.len());
+        for gone in &msg.0 {
+            self.announce_subject(Event::Left, gone);
+            items.push((
+                Route::Mesh(gone.mesh_id),
+                Notice::Event(Event::Left, PresenceId(gone.id)),
+            ));
         }
+        self.publish(items);
     }
 }
 
@@ -634,13 +695,14 @@ impl Handler<Changed> for Registry {
     fn handle(&mut self, msg: Changed, _: &mut Self::Context) {
         self.count();
         match msg {
-            Changed::Status { presence_id } => {
-                if let Some(c) = self.conns.get(&presence_id) {
-                    if let Some(drain) = self.drains.get(&c.member_id) {
-                        drain.do_send(drain::Wake);
-                    }
-                }
-            }
+            Changed::Status { presence_id } => match self.conns.get(&presence_id) {
+                Some(c) => self.wake_here(c.member_id),
+                // The hook set the status of a connection on another node.
+                None => self.publish(vec![(
+                    Route::Presence(presence_id.0),
+                    Notice::Status(presence_id),
+                )]),
+            },
             Changed::Visible {
                 presence_id,
                 visible,
@@ -656,9 +718,9 @@ impl Handler<Changed> for Registry {
                 self.announce(
                     &c,
                     if visible {
-                        "peer_visible"
+                        Event::Visible
                     } else {
-                        "peer_hidden"
+                        Event::Hidden
                     },
                 );
             }
@@ -694,9 +756,13 @@ pub struct KickOutcome {
 }
 
 impl Handler<Kick> for Registry {
-    type Result = KickOutcome;
+    type Result = ResponseActFuture<Self, KickOutcome>;
 
-    fn handle(&mut self, msg: Kick, _: &mut Self::Context) -> KickOutcome {
+    /// This node's connections are matched on what the registry knows;
+    /// other nodes' on their presence rows (silence as of their last
+    /// refresh, every ping interval), and their nodes are told to close
+    /// them. The answer covers every node.
+    fn handle(&mut self, msg: Kick, _: &mut Self::Context) -> Self::Result {
         self.count();
         let now = chrono::Utc::now().timestamp_millis();
         let mut out = KickOutcome::default();
@@ -710,21 +776,161 @@ impl Handler<Kick> for Registry {
                 session_pubkey: c.session_pubkey.as_deref(),
                 silent_ms: now - c.last_seen.load(Relaxed),
             };
-            if !routing::kick_matches(&msg.selector, &kickable) {
-                continue;
+            if let Some(close) = kick_one(&msg, &kickable, c.role, &mut out) {
+                c.handle.close(close);
             }
-            out.affected.push(c.display_name.clone());
-            if msg.kind == KickKind::Kick && c.role == Role::ControlPlane {
-                out.skipped_control_plane.push(c.display_name.clone());
-                continue;
-            }
-            c.handle.close(match msg.kind {
-                KickKind::Kick => CloseReason::Kicked,
-                KickKind::Disconnect => CloseReason::Disconnected,
-            });
-            out.kicked.push(c.display_name.clone());
         }
-        out
+        let shared = self.shared.clone();
+        let alone = shared.cluster.live_nodes() <= 1;
+        let remote = async move {
+            if alone {
+                return Vec::new();
+            }
+            let Ok(mut conn) = shared.pool.get().await else {
+                return Vec::new();
+            };
+            queries::remote_conns(&mut conn, msg.mesh_id.0, shared.node_id.0)
+                .await
+                .unwrap_or_default()
+        };
+        Box::pin(remote.into_actor(self).map(move |rows, act, _| {
+            let mut items = Vec::new();
+            for r in &rows {
+                let kickable = Kickable {
+                    display_name: &r.display_name,
+                    member_pubkey: &r.member_pubkey,
+                    session_pubkey: r.session_pubkey.as_deref(),
+                    silent_ms: r.silent_ms,
+                };
+                if let Some(close) = kick_one(&msg, &kickable, r.role, &mut out) {
+                    let why = match close {
+                        CloseReason::Kicked => CloseFor::Kicked,
+                        _ => CloseFor::Disconnected,
+                    };
+                    items.push((Route::Presence(r.id), Notice::Close(why, PresenceId(r.id))));
+                }
+            }
+            act.publish(items);
+            out
+        }))
+    }
+}
+
+/// Whether `kick` names connection `c` (of `role`); records it in `out`
+/// and answers how to close it (`None`: left open).
+fn kick_one(
+    kick: &Kick,
+    c: &Kickable<'_>,
+    role: Role,
+    out: &mut KickOutcome,
+) -> Option<CloseReason> {
+    if !routing::kick_matches(&kick.selector, c) {
+        return None;
+    }
+    out.affected.push(c.display_name.to_owned());
+    if kick.kind == KickKind::Kick && role == Role::ControlPlane {
+        out.skipped_control_plane.push(c.display_name.to_owned());
+        return None;
+    }
+    out.kicked.push(c.display_name.to_owned());
+    Some(match kick.kind {
+        KickKind::Kick => CloseReason::Kicked,
+        KickKind::Disconnect => CloseReason::Disconnected,
+    })
+}
+
+/// Attaches the bus: from now on what other nodes must hear is published.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AttachBus(pub Recipient<Publish>);
+
+impl Handler<AttachBus> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: AttachBus, _: &mut Self::Context) {
+        self.bus = Some(msg.0);
+    }
+}
+
+/// What other nodes' notices ask of this node's connections and drains
+/// (and, from the bus itself, the wake-ups after a reconnect and the poll).
+#[derive(Message, Debug, Default)]
+#[rtype(result = "()")]
+pub struct FromPeers {
+    /// Wake every local drain (the bus reconnected: notices may be lost).
+    pub wake_all: bool,
+    pub wakes: Vec<MemberId>,
+    pub statuses: Vec<PresenceId>,
+    pub reclaimed: Vec<(MemberId, DeliveryId)>,
+    pub events: Vec<(Event, queries::Subject)>,
+    pub closes: Vec<(CloseFor, PresenceId)>,
+}
+
+impl FromPeers {
+    pub fn wake_all() -> Self {
+        FromPeers {
+            wake_all: true,
+            ..FromPeers::default()
+        }
+    }
+}
+
+impl Handler<FromPeers> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: FromPeers, _: &mut Self::Context) {
+        self.count();
+        if msg.wake_all {
+            for drain in self.drains.values() {
+                drain.do_send(drain::Wake);
+            }
+        }
+        for member in msg.wakes {
+            self.wake_here(member);
+        }
+        for presence_id in msg.statuses {
+            if let Some(c) = self.conns.get(&presence_id) {
+                self.wake_here(c.member_id);
+            }
+        }
+        self.reclaimed_here(msg.reclaimed);
+        for (event, subject) in &msg.events {
+            self.announce_subject(*event, subject);
+        }
+        for (why, presence_id) in msg.closes {
+            let Some(c) = self.conns.get(&presence_id) else {
+                continue;
+            };
+            let reason = match why {
+                CloseFor::Replaced => {
+                    self.replaced.insert(presence_id);
+                    CloseReason::Replaced
+                }
+                CloseFor::Kicked => CloseReason::Kicked,
+                CloseFor::Disconnected => CloseReason::Disconnected,
+            };
+            tracing::info!(presence = %presence_id, reason = reason.reason(), "closing a connection at another node's request");
+            c.handle.close(reason);
+        }
+    }
+}
+
+/// Another node declared this one dead and took over its leases and
+/// connections: close every socket (1012: reconnect), leaving the rows to
+/// the takeover.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Fence;
+
+impl Handler<Fence> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, _: Fence, _: &mut Self::Context) {
+        self.count();
+        for c in self.conns.values() {
+            self.fenced.insert(c.presence_id);
+            c.handle.close(CloseReason::Fenced);
+        }
     }
 }
 
@@ -745,10 +951,14 @@ impl Handler<Shutdown> for Registry {
         let grace = shared.config.presence.grace.get();
         Box::pin(
             async move {
+                let mut released = Vec::new();
                 match shared.pool.get().await {
                     Ok(mut conn) => {
                         match queries::release_node_claims(&mut conn, node).await {
-                            Ok(n) => tracing::info!(released = n, "released this broker's unacked leases"),
+                            Ok(members) => {
+                                tracing::info!(members = members.len(), "released this broker's unacked leases");
+                                released = members;
+                            }
                             Err(e) => tracing::warn!(error = %e, "could not release leases; they expire instead"),
                         }
                         if let Err(e) = queries::close_node_presence(&mut conn, node, grace).await {
@@ -757,9 +967,17 @@ impl Handler<Shutdown> for Registry {
                     }
                     Err(e) => tracing::warn!(error = %e, "database unavailable at shutdown; leases expire instead"),
                 }
+                released
             }
             .into_actor(self)
-            .map(|_, act, _| {
+            .map(|released, act, _| {
+                // Members connected to other nodes may claim them there now.
+                act.publish(
+                    released
+                        .into_iter()
+                        .map(|m| (Route::Member(m), Notice::Wake(MemberId(m))))
+                        .collect(),
+                );
                 for c in act.conns.values() {
                     c.handle.close(CloseReason::Shutdown);
                 }

@@ -4,6 +4,15 @@
 //! revoked since their hello (4002), reaps presence rows of dead brokers,
 //! and forgets old hello signatures and idempotency keys.
 //!
+//! In a cluster every step but the revocation check (which looks at this
+//! node's connections) runs on the leader only (the oldest live node, see
+//! [`super::bus`]): one node ends grace windows and frees idempotency keys,
+//! so those statements never wait on each other, and the leader's registry
+//! tells every node what they ended. The leases and dead letters would be
+//! safe anywhere (`SKIP LOCKED`); they run there too so that one node's
+//! counters show the cluster's. Handover: when the leader dies, the next
+//! oldest leads from the heartbeat that declares it dead.
+//!
 //! It runs under `actix::Supervisor`: a pass that fails (the database went
 //! away, or an injected fault) stops it, and the supervisor restarts it.
 
@@ -56,20 +65,31 @@ impl Sweeper {
             let live = registry.send(registry::LiveMembers).await?;
             let cfg = &shared.config;
             let mut conn = shared.pool.get().await?;
-            let max_attempts = cfg.delivery.max_attempts as i32;
-            let dead = queries::dead_letter(&mut conn, max_attempts, BATCH).await?;
-            let expired = queries::expire_leases(&mut conn, BATCH).await?;
-            let grace = queries::end_grace(&mut conn).await?;
-            let presence = &cfg.presence;
-            let silent_for =
-                (presence.pong_timeout.get() * 2).max(presence.ping_interval.get() * 3);
-            queries::reap_stale_presence(&mut conn, silent_for).await?;
-            queries::forget_hellos(&mut conn, cfg.limits.hello_skew.get() * 2).await?;
-            queries::close_dedupe_windows(&mut conn, cfg.delivery.dedupe_window.get(), BATCH)
-                .await?;
+            let (mut dead, mut expired, mut grace) = Default::default();
+            if shared.cluster.is_leader() {
+                let max_attempts = cfg.delivery.max_attempts as i32;
+                dead = queries::dead_letter(&mut conn, max_attempts, BATCH).await?;
+                expired = queries::expire_leases(&mut conn, BATCH).await?;
+                grace = queries::end_grace(&mut conn).await?;
+                let presence = &cfg.presence;
+                let silent_for =
+                    (presence.pong_timeout.get() * 2).max(presence.ping_interval.get() * 3);
+                queries::reap_stale_presence(&mut conn, silent_for).await?;
+                queries::forget_hellos(&mut conn, cfg.limits.hello_skew.get() * 2).await?;
+                queries::close_dedupe_windows(&mut conn, cfg.delivery.dedupe_window.get(), BATCH)
+                    .await?;
+            }
             let live: Vec<uuid::Uuid> = live.iter().map(|m| m.0).collect();
             let revoked = queries::revoked_among(&mut conn, &live, BATCH).await?;
-            Ok((dead, expired, grace, revoked))
+            Ok::<
+                (
+                    Vec<queries::Swept>,
+                    Vec<queries::Swept>,
+                    Vec<queries::Subject>,
+                    _,
+                ),
+                PassError,
+            >((dead, expired, grace, revoked))
         };
         ctx.spawn(fut.into_actor(self).map(|result, act, ctx| {
             act.running = false;

@@ -215,33 +215,45 @@ pub async fn delete_closed_presence(
 
 /// Members with a live connection on broker `node_id` and a delivery that
 /// connection could claim now (unkeyed or keyed to it, unleased or lease
-/// run out, not dead, not delayed, not expired, attempts left). Waking
-/// their drains is a safety net for changes made outside this broker
-/// process, such as `meshbroker dead-letters requeue`.
+/// run out, not dead, not delayed, not expired, attempts left), and whether
+/// one of those has waited longer than `late_after` (a wake-up that never
+/// came). Waking their drains is the safety net behind the notices: for
+/// one that was lost, and for changes made outside any broker such as
+/// `meshbroker dead-letters requeue`.
 pub async fn members_to_wake(
     conn: &mut Conn,
     node_id: Uuid,
     max_attempts: i32,
-) -> QueryResult<Vec<Uuid>> {
+    late_after: std::time::Duration,
+) -> QueryResult<Vec<(Uuid, bool)>> {
     #[derive(QueryableByName)]
     struct Row {
         #[diesel(sql_type = SqlUuid)]
         member_id: Uuid,
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        late: bool,
     }
+    let claimable_here = |extra: &str| {
+        format!(
+            "EXISTS (SELECT 1 FROM mesh.message_queue q
+                      WHERE q.recipient_member_id = p.member_id
+                        AND {claimable}
+                        AND (q.recipient_key IS NULL OR q.recipient_key = {key}){extra})",
+            claimable = rules::claimable("q", "$2"),
+            key = rules::connection_key("p"),
+        )
+    };
     let rows: Vec<Row> = diesel::sql_query(format!(
-        "SELECT DISTINCT p.member_id FROM mesh.presence p
-          WHERE p.disconnected_at IS NULL AND p.broker_node_id = $1
-            AND EXISTS (
-                  SELECT 1 FROM mesh.message_queue q
-                   WHERE q.recipient_member_id = p.member_id
-                     AND {claimable}
-                     AND (q.recipient_key IS NULL OR q.recipient_key = {key}))",
-        claimable = rules::claimable("q", "$2"),
-        key = rules::connection_key("p"),
+        "SELECT p.member_id, bool_or({late}) AS late FROM mesh.presence p
+          WHERE p.disconnected_at IS NULL AND p.broker_node_id = $1 AND {any}
+          GROUP BY p.member_id",
+        late = claimable_here(" AND q.created_at < now() - make_interval(secs => $3)"),
+        any = claimable_here(""),
     ))
     .bind::<SqlUuid, _>(node_id)
     .bind::<Int4, _>(max_attempts)
+    .bind::<Double, _>(secs(late_after))
     .load(conn)
     .await?;
-    Ok(rows.into_iter().map(|r| r.member_id).collect())
+    Ok(rows.into_iter().map(|r| (r.member_id, r.late)).collect())
 }

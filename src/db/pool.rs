@@ -131,6 +131,8 @@ impl Health {
 pub struct Pool {
     inner: bb8::Pool<AsyncPgConnection>,
     health: Arc<Health>,
+    /// Where it connects: the cluster bus opens its own connection there.
+    url: Arc<str>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -161,8 +163,13 @@ impl Pool {
         let inner = builder
             .error_sink(Box::new(CheckNow(Arc::downgrade(&health))))
             .build_unchecked(manager);
+        let shared_url: Arc<str> = url.as_str().into();
         tokio::spawn(probe(url, Arc::downgrade(&health), Some(probe_conn)));
-        Pool { inner, health }
+        Pool {
+            inner,
+            health,
+            url: shared_url,
+        }
     }
 
     /// A pooled connection; fails at once while the database is known to be
@@ -195,7 +202,16 @@ impl Pool {
         let inner = ::bb8::Pool::builder()
             .connection_timeout(Duration::from_millis(100))
             .build_unchecked(manager);
-        Pool { inner, health }
+        Pool {
+            inner,
+            health,
+            url: "postgres://nobody@127.0.0.1:1/none".into(),
+        }
+    }
+
+    /// The URL the pool connects to.
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// bb8's counts (connections, idle) for the metrics.

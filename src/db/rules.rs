@@ -25,6 +25,16 @@ pub fn claimable(q: &str, max_attempts: &str) -> String {
     )
 }
 
+/// [`crate::routing::member_wide_rank`]'s class of presence row `p`, in
+/// SQL: which of a member's connections on different nodes takes its
+/// member-wide deliveries (lower first; ties go to the oldest).
+pub fn member_wide_rank(p: &str) -> String {
+    format!(
+        "CASE WHEN {p}.role = 'control-plane' AND {p}.session_pubkey IS NULL THEN 0 \
+              WHEN {p}.role = 'service' THEN 1 WHEN {p}.role = 'session' THEN 2 ELSE 3 END"
+    )
+}
+
 /// [`crate::ids::connection_key`] of presence row `p`, in SQL: its session
 /// pubkey, else `sid:` and its session id.
 pub fn connection_key(p: &str) -> String {

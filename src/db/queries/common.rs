@@ -13,6 +13,20 @@ pub(super) fn secs(d: std::time::Duration) -> f64 {
     d.as_secs_f64()
 }
 
+/// The database's clock: cutoffs compared with its timestamps are taken
+/// from it, so brokers whose clocks differ agree.
+pub(super) async fn database_now(conn: &mut Conn) -> QueryResult<DateTime<Utc>> {
+    #[derive(QueryableByName)]
+    struct Now {
+        #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+        now: DateTime<Utc>,
+    }
+    let row: Now =
+        diesel_async::RunQueryDsl::get_result(diesel::sql_query("SELECT now() AS now"), conn)
+            .await?;
+    Ok(row.now)
+}
+
 /// A member, as the member lookups and the hello (`presence::open_hello`) read it.
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = member)]

@@ -6,7 +6,7 @@ use diesel_async::{AsyncConnection, RunQueryDsl};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::common::Conn;
+use super::common::{database_now, Conn};
 use crate::db::schema::mesh::{member, message, message_queue};
 use crate::ids::Priority;
 
@@ -57,10 +57,15 @@ pub enum SendOutcome {
 /// honouring the sender's idempotency window.
 pub async fn store_message(
     conn: &mut Conn,
-    msg: NewMessage,
+    mut msg: NewMessage,
     recipients: Vec<Recipient>,
     dedupe_window: std::time::Duration,
 ) -> QueryResult<SendOutcome> {
+    // The cutoff and the expiry on the database's clock, which every other
+    // statement compares them with: the expiry was computed on this
+    // broker's.
+    let db_now = database_now(conn).await?;
+    msg.expires_at += db_now - Utc::now();
     conn.transaction::<_, diesel::result::Error, _>(async move |conn| {
         {
             let revoked_at: Option<DateTime<Utc>> = member::table
@@ -73,8 +78,7 @@ pub async fn store_message(
             }
             if let Some(key) = &msg.dedupe_key {
                 // A key whose window has closed is free again.
-                let cutoff =
-                    Utc::now() - chrono::Duration::from_std(dedupe_window).unwrap_or_default();
+                let cutoff = db_now - chrono::Duration::from_std(dedupe_window).unwrap_or_default();
                 diesel::update(
                     message::table
                         .filter(message::sender_member_id.eq(msg.sender_member_id))

@@ -8,6 +8,7 @@
 //! `crate::db::queries::x` whichever file `x` lives in.
 
 mod cached;
+mod cluster;
 mod common;
 mod messages;
 mod presence;
@@ -15,6 +16,7 @@ mod queue;
 mod store;
 mod sweep;
 
+pub use cluster::*;
 pub use common::MemberRow;
 pub use messages::*;
 pub use presence::*;

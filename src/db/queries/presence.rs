@@ -3,7 +3,9 @@
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Bool, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
+use diesel::sql_types::{
+    Array, BigInt, Bool, Double, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid,
+};
 use diesel_async::RunQueryDsl;
 use serde_json::Value;
 use uuid::Uuid;
@@ -173,14 +175,16 @@ pub async fn close_presences(
     grace: Option<std::time::Duration>,
 ) -> QueryResult<usize> {
     let ids: Vec<Uuid> = ids.iter().map(|id| id.0).collect();
-    let grace_until = grace.map(|g| Utc::now() + chrono::Duration::from_std(g).unwrap_or_default());
-    diesel::update(presence::table.filter(presence::id.eq_any(ids)))
-        .set((
-            presence::disconnected_at.eq(diesel::dsl::now),
-            presence::grace_until.eq(grace_until),
-        ))
-        .execute(conn)
-        .await
+    diesel::sql_query(
+        "UPDATE mesh.presence
+            SET disconnected_at = now(),
+                grace_until = now() + make_interval(secs => $2)
+          WHERE id = ANY($1)",
+    )
+    .bind::<Array<SqlUuid>, _>(ids)
+    .bind::<Nullable<Double>, _>(grace.map(|g| g.as_secs_f64()))
+    .execute(conn)
+    .await
 }
 
 pub async fn set_status(conn: &mut Conn, id: PresenceId, status: Status) -> QueryResult<()> {
@@ -317,22 +321,21 @@ pub async fn live_sessions_by_process(
     q.load(conn).await
 }
 
-/// Marks every presence row of this broker process disconnected (shutdown).
+/// Marks every live presence row of broker process `node_id` closed, with
+/// the takeover grace window (its shutdown, or its death seen by another).
 pub async fn close_node_presence(
     conn: &mut Conn,
     node_id: NodeId,
     grace: std::time::Duration,
 ) -> QueryResult<usize> {
-    let grace_until = Utc::now() + chrono::Duration::from_std(grace).unwrap_or_default();
-    diesel::update(
-        presence::table
-            .filter(presence::broker_node_id.eq(node_id.0))
-            .filter(presence::disconnected_at.is_null()),
+    diesel::sql_query(
+        "UPDATE mesh.presence
+            SET disconnected_at = now(),
+                grace_until = now() + make_interval(secs => $2)
+          WHERE broker_node_id = $1 AND disconnected_at IS NULL",
     )
-    .set((
-        presence::disconnected_at.eq(diesel::dsl::now),
-        presence::grace_until.eq(grace_until),
-    ))
+    .bind::<SqlUuid, _>(node_id.0)
+    .bind::<Double, _>(grace.as_secs_f64())
     .execute(conn)
     .await
 }

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::cached::cached;
 use super::common::{secs, Conn};
-use crate::db::rules::{claimable, CLAIM_RESET};
+use crate::db::rules::{claimable, member_wide_rank, CLAIM_RESET};
 use crate::ids::{ClaimId, MemberId, MessageId, NodeId, PresenceId, Priority, Status};
 
 /// A delivery claimed for one connection, with what its push needs.
@@ -113,7 +113,21 @@ pub async fn claim_many(
     static CLAIM: LazyLock<String> = LazyLock::new(|| {
         format!(
             "WITH spec AS (
-                SELECT s.* FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bool[], $5::int8[])
+                -- A member-wide spec stands down while the member has a
+                -- better connection on another node (the same rank as the
+                -- drain's own choice, oldest first across nodes), so one
+                -- connection in the cluster takes the member's unkeyed
+                -- deliveries, as on one node.
+                SELECT s.member_id, s.presence_id, s.key, s.lim,
+                       s.member_wide AND NOT EXISTS (
+                         SELECT 1 FROM mesh.presence me
+                           JOIN mesh.presence o ON o.member_id = me.member_id
+                                AND o.disconnected_at IS NULL
+                                AND o.broker_node_id <> me.broker_node_id
+                          WHERE me.id = s.presence_id
+                            AND ({rank_o}, o.connected_at, o.id) < ({rank_me}, me.connected_at, me.id)
+                       ) AS member_wide
+                  FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bool[], $5::int8[])
                     AS s(member_id, presence_id, key, member_wide, lim),
                     {relaxed} AS relaxed
              ), picked AS (
@@ -150,6 +164,8 @@ pub async fn claim_many(
                        m.mentions, m.client_message_id, m.request_fingerprint",
             claimable = claimable("q", "$8"),
             relaxed = RELAXED_COMMIT,
+            rank_o = member_wide_rank("o"),
+            rank_me = member_wide_rank("me"),
             now = Priority::Now.as_str(),
             idle = Status::Idle.as_str(),
         )
@@ -403,18 +419,29 @@ pub async fn release_unpushed(
         .await
 }
 
-/// Releases every unacked claim this broker process holds (shutdown).
-/// Found among the leased rows (the sweeper's index).
-pub async fn release_node_claims(conn: &mut Conn, node_id: NodeId) -> QueryResult<usize> {
+/// Releases every unacked claim broker process `node_id` holds (at its
+/// shutdown, or when another node found it dead); returns the members they
+/// were for, whose drains elsewhere may claim them now. Found among the
+/// leased rows (the sweeper's index).
+pub async fn release_node_claims(conn: &mut Conn, node_id: NodeId) -> QueryResult<Vec<Uuid>> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = SqlUuid)]
+        recipient_member_id: Uuid,
+    }
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
-            "UPDATE mesh.message_queue SET {CLAIM_RESET}
-              WHERE claim_expires_at IS NOT NULL AND delivered_at IS NULL
-                AND claim_node_id = $1"
+            "WITH released AS (
+                UPDATE mesh.message_queue SET {CLAIM_RESET}
+                 WHERE claim_expires_at IS NOT NULL AND delivered_at IS NULL
+                   AND claim_node_id = $1
+                RETURNING recipient_member_id)
+             SELECT DISTINCT recipient_member_id FROM released"
         )
     });
-    diesel::sql_query(SQL.as_str())
+    let rows: Vec<Row> = diesel::sql_query(SQL.as_str())
         .bind::<SqlUuid, _>(node_id.0)
-        .execute(conn)
-        .await
+        .load(conn)
+        .await?;
+    Ok(rows.into_iter().map(|r| r.recipient_member_id).collect())
 }

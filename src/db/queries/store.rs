@@ -281,7 +281,7 @@ async fn write(conn: &mut Conn, sends: &[BatchSend], which: &[usize]) -> QueryRe
                     priority, nonce, ciphertext, reply_to_id, mentions, client_message_id,
                     request_fingerprint, dedupe_key, expires_at)
             SELECT u.id, u.mesh, u.sender, u.spk, u.name, u.target, u.priority, u.nonce, u.ct,
-                   u.reply, u.mentions, u.cmid, u.fp, u.dk, u.exp
+                   u.reply, u.mentions, u.cmid, u.fp, u.dk, u.exp + (now() - $23)
               FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
                           $7::text[], $8::text[], $9::text[], $10::text[], $11::jsonb[], $12::text[],
                           $13::text[], $14::text[], $15::timestamptz[]) WITH ORDINALITY
@@ -295,7 +295,7 @@ async fn write(conn: &mut Conn, sends: &[BatchSend], which: &[usize]) -> QueryRe
             INSERT INTO mesh.message_queue
                    (message_id, mesh_id, recipient_member_id, recipient_key, priority,
                     created_at, expires_at)
-            SELECT q.m, q.mesh, q.r, q.k, q.p, now(), q.e
+            SELECT q.m, q.mesh, q.r, q.k, q.p, now(), q.e + (now() - $23)
               FROM unnest($17::uuid[], $18::uuid[], $19::uuid[], $20::text[], $21::text[],
                           $22::timestamptz[]) WITH ORDINALITY AS q(m, mesh, r, k, p, e, ord)
              WHERE q.m IN (SELECT id FROM stored)
@@ -326,6 +326,9 @@ async fn write(conn: &mut Conn, sends: &[BatchSend], which: &[usize]) -> QueryRe
     .bind::<Array<Nullable<Text>>, _>(q_key)
     .bind::<Array<Text>, _>(q_priority)
     .bind::<Array<Timestamptz>, _>(q_expires)
+    // The expiries were computed on this broker's clock: $23 moves them
+    // onto the database's, which every cutoff compares them with.
+    .bind::<Timestamptz, _>(chrono::Utc::now())
     .load(conn)
     .await?;
     let mut written = Written {

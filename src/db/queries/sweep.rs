@@ -2,7 +2,6 @@
 //! stale presence, old hellos, idempotency windows, revocations, and the
 //! queue depth `/metrics` reads.
 
-use chrono::Utc;
 use diesel::prelude::*;
 use diesel::sql_types::{Double, Int4, Int8, Text, Uuid as SqlUuid};
 use diesel_async::RunQueryDsl;
@@ -10,7 +9,7 @@ use uuid::Uuid;
 
 use super::common::{secs, Conn};
 use crate::db::rules::CLAIM_RESET;
-use crate::db::schema::mesh::{hello_seen, member, presence};
+use crate::db::schema::mesh::member;
 use crate::ids::Role;
 
 /// A lease the sweeper cleared, or a delivery it dead-lettered.
@@ -64,9 +63,10 @@ pub async fn expire_leases(conn: &mut Conn, batch: i64) -> QueryResult<Vec<Swept
     .await
 }
 
-/// A closed connection whose grace window ended.
+/// A connection as a system event (`peer_left`, …) names it: a closed
+/// one whose grace window ended, or one another node's notice named.
 #[derive(Debug, Clone, QueryableByName)]
-pub struct GraceEnded {
+pub struct Subject {
     #[diesel(sql_type = SqlUuid)]
     pub id: Uuid,
     #[diesel(sql_type = SqlUuid)]
@@ -82,7 +82,7 @@ pub struct GraceEnded {
 }
 
 /// Ends grace windows that have passed; the caller announces `peer_left`.
-pub async fn end_grace(conn: &mut Conn) -> QueryResult<Vec<GraceEnded>> {
+pub async fn end_grace(conn: &mut Conn) -> QueryResult<Vec<Subject>> {
     diesel::sql_query(
         "UPDATE mesh.presence p SET grace_until = NULL
            FROM mesh.member m
@@ -100,16 +100,11 @@ pub async fn reap_stale_presence(
     conn: &mut Conn,
     silent_for: std::time::Duration,
 ) -> QueryResult<usize> {
-    let cutoff = Utc::now() - chrono::Duration::from_std(silent_for).unwrap_or_default();
-    diesel::update(
-        presence::table
-            .filter(presence::disconnected_at.is_null())
-            .filter(presence::last_seen_at.lt(cutoff)),
+    diesel::sql_query(
+        "UPDATE mesh.presence SET disconnected_at = now(), grace_until = now()
+          WHERE disconnected_at IS NULL AND last_seen_at < now() - make_interval(secs => $1)",
     )
-    .set((
-        presence::disconnected_at.eq(diesel::dsl::now),
-        presence::grace_until.eq(diesel::dsl::now),
-    ))
+    .bind::<Double, _>(secs(silent_for))
     .execute(conn)
     .await
 }
@@ -117,10 +112,12 @@ pub async fn reap_stale_presence(
 /// Forgets hello signatures older than the skew window (they would be
 /// refused `timestamp_skew` anyway).
 pub async fn forget_hellos(conn: &mut Conn, older_than: std::time::Duration) -> QueryResult<usize> {
-    let cutoff = Utc::now() - chrono::Duration::from_std(older_than).unwrap_or_default();
-    diesel::delete(hello_seen::table.filter(hello_seen::seen_at.lt(cutoff)))
-        .execute(conn)
-        .await
+    diesel::sql_query(
+        "DELETE FROM mesh.hello_seen WHERE seen_at < now() - make_interval(secs => $1)",
+    )
+    .bind::<Double, _>(secs(older_than))
+    .execute(conn)
+    .await
 }
 
 /// Frees idempotency keys whose window has closed, in a bounded batch.
