@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::client_addr::IpBlock;
+
 /// Environment variable that overrides `database.url`.
 pub const DATABASE_URL_ENV: &str = "MESHBROKER_DATABASE_URL";
 
@@ -54,12 +56,18 @@ pub struct Config {
 pub struct ServerConfig {
     /// Address the HTTP and WebSocket listener binds.
     pub listen: SocketAddr,
+    /// Peers (addresses or CIDR blocks) whose `X-Forwarded-For` names the
+    /// client: behind a load balancer every request comes from the
+    /// balancer, and the hook's loopback rule and per-source rate limit
+    /// must see the client instead. Empty: the header is never read.
+    pub trusted_proxies: Vec<IpBlock>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:7900".parse().expect("valid default address"),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -695,6 +703,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("janitor.interval"), "{err}");
+    }
+
+    #[test]
+    fn trusted_proxies_are_parsed_and_bad_ones_named() {
+        assert!(Config::default().server.trusted_proxies.is_empty());
+        let c = Config::parse(
+            "[server]\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\", \"2001:db8::/32\"]\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        let shown: Vec<String> = c
+            .server
+            .trusted_proxies
+            .iter()
+            .map(|b| b.to_string())
+            .collect();
+        assert_eq!(shown, ["127.0.0.1", "10.0.0.0/8", "2001:db8::/32"]);
+        assert!(
+            c.to_redacted_toml().contains("\"10.0.0.0/8\""),
+            "{}",
+            c.to_redacted_toml()
+        );
+        for (entry, says) in [
+            ("10.0.0.0/33", "from 0 to 32"),
+            ("foo", "not an IP address"),
+        ] {
+            let text = format!("[server]\ntrusted_proxies = [\"{entry}\"]\n");
+            let err = Config::parse(&text, Path::new("c.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("server.trusted_proxies") && err.contains(entry) && err.contains(says),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use actix::Addr;
+use actix_web::http::header::X_FORWARDED_FOR;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
 use serde::Deserialize;
@@ -15,12 +16,13 @@ use crate::actors::registry::{self, Registry};
 use crate::actors::session::WsSession;
 use crate::actors::writer::Writer;
 use crate::actors::{RateLimiter, Shared};
+use crate::client_addr::client_ip;
 use crate::db::{self, queries};
 use crate::ids::{PresenceId, Status};
 use crate::metrics::PoolState;
 use crate::protocol::{bounds, check_text};
 
-/// Hook requests one source address may make: burst, then per second.
+/// Hook requests one client address may make: burst, then per second.
 const HOOK_BURST: u32 = 50;
 const HOOK_PER_SEC: u32 = 20;
 
@@ -176,8 +178,24 @@ struct HookBody {
     session_id: Option<String>,
 }
 
+/// The address a request's source rules apply to: its peer's, or the client
+/// a trusted proxy names (`client_addr`). None only for a request without a
+/// socket, as in handler unit tests.
+fn client_of(req: &HttpRequest, state: &AppState) -> Option<IpAddr> {
+    let peer = req.peer_addr()?.ip();
+    // A line that is not text is as unreadable as any other garbage entry.
+    let forwarded: Vec<&str> = req
+        .headers()
+        .get_all(X_FORWARDED_FOR)
+        .map(|line| line.to_str().unwrap_or(""))
+        .collect();
+    let trusted = &state.shared.config.server.trusted_proxies;
+    Some(client_ip(peer, &forwarded, trusted))
+}
+
 /// claudemesh's Claude Code hooks: set a session's status by `session_id`
-/// (or, from loopback only, by pid/cwd). A `dnd` status is left alone.
+/// (or, from a loopback client only, by pid/cwd). A `dnd` status is left
+/// alone.
 async fn hook_set_status(
     req: HttpRequest,
     body: web::Bytes,
@@ -187,8 +205,8 @@ async fn hook_set_status(
         HttpResponse::build(status).json(json!({"ok": false, "error": error}))
     };
     use actix_web::http::StatusCode;
-    let peer = req.peer_addr().map(|a| a.ip());
-    if let Some(ip) = peer {
+    let client = client_of(&req, &state);
+    if let Some(ip) = client {
         if !state.hook_limits.allow(&ip) {
             return fail(StatusCode::TOO_MANY_REQUESTS, "rate_limit");
         }
@@ -223,7 +241,7 @@ async fn hook_set_status(
     if let Err(e) = bounded {
         return fail(StatusCode::BAD_REQUEST, &format!("invalid: {e}"));
     }
-    let loopback = peer.is_some_and(|ip| ip.is_loopback());
+    let loopback = client.is_some_and(|ip| ip.is_loopback());
     let Ok(mut conn) = state.shared.pool.get().await else {
         return fail(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
     };

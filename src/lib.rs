@@ -14,6 +14,8 @@
 //!   - [`ids`]: identifier newtypes, the wire words [`ids::Role`], [`ids::Status`],
 //!     [`ids::Priority`], and the connection-key rule.
 //!   - [`config`]: the TOML configuration, validated at load.
+//!   - [`client_addr`]: an HTTP request's client address, taken from
+//!     `X-Forwarded-For` only when the peer is a trusted proxy.
 //!   - [`error_code`]: every refusal: wire code, close code, metric label,
 //!     permanent or retryable.
 //!   - [`crypto`]: ed25519 keys and the exact strings each handshake signs.
@@ -80,6 +82,7 @@ pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod client;
+pub mod client_addr;
 pub mod config;
 pub mod crypto;
 pub mod db;

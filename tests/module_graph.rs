@@ -32,10 +32,18 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, &[&str])] = &[
     // The vocabulary. `error_code` is every refusal's code, which the frames
     // carry; `crypto` is pure ed25519 and the signed strings, used by the
-    // handshake checks and the client alike.
+    // handshake checks and the client alike; `client_addr` is the address
+    // blocks `config` names and the rule that reads `X-Forwarded-For`.
     (
         "base",
-        &["protocol", "ids", "config", "error_code", "crypto"],
+        &[
+            "protocol",
+            "ids",
+            "config",
+            "client_addr",
+            "error_code",
+            "crypto",
+        ],
     ),
     // The protocol's other end, behind `meshbroker client` and the tests:
     // whoever talks to a broker must not need the broker's own layers.

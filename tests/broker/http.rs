@@ -2,7 +2,7 @@
 //! supervised sweeper.
 
 use meshbroker::client::HelloOptions;
-use meshbroker::config::Dur;
+use meshbroker::config::{Config, Dur};
 
 use crate::support::*;
 
@@ -248,4 +248,92 @@ async fn ready_is_503_while_migrations_are_missing() {
     assert!(body.contains("migrations missing"), "{body}");
     let (status, body) = http_get(&format!("{}/health", env.http_url)).await;
     assert_eq!(status, 200, "{body}");
+}
+
+/// A session the hook can find by pid and cwd only (from a loopback client).
+async fn session_found_by_process(
+    env: &TestEnv,
+    pid: i64,
+    cwd: &str,
+) -> meshbroker::client::Connection {
+    let b = env.member("bob").await;
+    let key = meshbroker::client::generate_session_key();
+    let opts = HelloOptions {
+        display_name: Some("bob-session".into()),
+        pid: Some(pid),
+        cwd: Some(cwd.into()),
+        ..Default::default()
+    };
+    env.session_opts(&b, &key, opts).await.0
+}
+
+fn trust_loopback_proxy(c: &mut Config) {
+    c.server.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+}
+
+/// A proxy on loopback forwards for a remote client: the hook must not
+/// take the proxy's loopback address for the client's, or anyone behind
+/// the proxy could set any session's status by pid/cwd.
+#[actix_web::test]
+async fn behind_a_trusted_proxy_the_hook_sees_the_forwarded_client() {
+    let env = TestEnv::start_with(trust_loopback_proxy).await;
+    let _bs = session_found_by_process(&env, 4343, "/work/proxied").await;
+    let hook = format!("{}/hook/set-status", env.http_url);
+    let body = json!({"pid": 4343, "cwd": "/work/proxied", "status": "working"});
+
+    let remote = [("x-forwarded-for", "203.0.113.7")];
+    let (code, text) = http_post_json_with(&hook, &remote, &body).await;
+    assert_eq!(code, 403, "a remote client behind the proxy: {text}");
+    assert!(text.contains("forbidden"), "{text}");
+
+    // A client the proxy names as loopback is one, and the proxy's own
+    // requests (no header) are its own address's.
+    let local = [("x-forwarded-for", "::1")];
+    let (code, text) = http_post_json_with(&hook, &local, &body).await;
+    assert_eq!(code, 200, "a loopback client behind the proxy: {text}");
+    let (code, text) = http_post_json(&hook, &body).await;
+    assert_eq!(code, 200, "the proxy itself: {text}");
+}
+
+/// Without trusted proxies a client cannot claim another address.
+#[actix_web::test]
+async fn without_trusted_proxies_x_forwarded_for_is_ignored() {
+    let env = TestEnv::start().await;
+    assert!(env.config.server.trusted_proxies.is_empty());
+    let _bs = session_found_by_process(&env, 4344, "/work/unproxied").await;
+    let hook = format!("{}/hook/set-status", env.http_url);
+    let body = json!({"pid": 4344, "cwd": "/work/unproxied", "status": "working"});
+    let spoofed = [("x-forwarded-for", "203.0.113.7")];
+    let (code, text) = http_post_json_with(&hook, &spoofed, &body).await;
+    assert_eq!(
+        code, 200,
+        "the loopback peer counts, not the header: {text}"
+    );
+    assert!(text.contains("\"updated\":1"), "{text}");
+}
+
+/// The hook's per-source rate limit keys on the forwarded client: one
+/// client behind the proxy spending its budget leaves the others theirs.
+#[actix_web::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_hook_budget() {
+    let env = TestEnv::start_with(trust_loopback_proxy).await;
+    let hook = format!("{}/hook/set-status", env.http_url);
+    // Refused before the database: cheap to send many of.
+    let body = json!({});
+    let first = [("x-forwarded-for", "198.51.100.1")];
+    let mut limited = false;
+    for _ in 0..500 {
+        let (code, _) = http_post_json_with(&hook, &first, &body).await;
+        if code == 429 {
+            limited = true;
+            break;
+        }
+        assert_eq!(code, 400);
+    }
+    assert!(limited, "the first client was never rate limited");
+    let second = [("x-forwarded-for", "198.51.100.2")];
+    let (code, text) = http_post_json_with(&hook, &second, &body).await;
+    assert_eq!(code, 400, "another client keeps its own budget: {text}");
+    let (code, text) = http_post_json(&hook, &body).await;
+    assert_eq!(code, 400, "and so does the proxy itself: {text}");
 }

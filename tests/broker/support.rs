@@ -557,8 +557,20 @@ pub async fn http_get(url: &str) -> (u16, String) {
 }
 
 pub async fn http_post_json(url: &str, body: &Value) -> (u16, String) {
-    let mut res = awc::Client::new()
-        .post(url)
+    http_post_json_with(url, &[], body).await
+}
+
+/// [`http_post_json`] with extra request headers (`X-Forwarded-For`, …).
+pub async fn http_post_json_with(
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &Value,
+) -> (u16, String) {
+    let mut req = awc::Client::new().post(url);
+    for &(name, value) in headers {
+        req = req.append_header((name, value));
+    }
+    let mut res = req
         .send_json(body)
         .await
         .unwrap_or_else(|e| panic!("POST {url}: {e}"));
