@@ -77,17 +77,23 @@ pub struct BenchArgs {
     /// (what is still missing then is reported lost).
     #[arg(long, value_name = "DURATION", default_value = "30s")]
     pub drain_timeout: Dur,
+    /// Our own brokers: `meshbroker serve` processes on one database (the
+    /// first one's embedded PostgreSQL), peer i on broker i % N, so that
+    /// traffic crosses nodes.
+    #[arg(long, default_value_t = 1, conflicts_with = "url")]
+    pub brokers: usize,
     /// A running broker's WebSocket URL (ws://host:port/ws) instead of a
-    /// broker of our own; needs --provision.
+    /// broker of our own; needs --provision. Repeat it for brokers of one
+    /// cluster: peer i connects to the (i % N)-th.
     #[arg(long, requires = "provision")]
-    pub url: Option<String>,
+    pub url: Vec<String>,
     /// Members to connect as with --url: what `meshbroker member add --json`
     /// prints, one JSON object per line or one array.
     #[arg(long, value_name = "FILE", requires = "url")]
     pub provision: Option<PathBuf>,
-    /// Serve this meshbroker executable instead of this one (our own broker
-    /// only): one load generator against two builds, to compare them in one
-    /// sitting.
+    /// Serve this meshbroker executable instead of this one (our own
+    /// brokers only, all of them): one load generator against two builds,
+    /// to compare them in one sitting.
     #[arg(long, value_name = "PATH", conflicts_with = "url")]
     pub broker_exe: Option<PathBuf>,
     /// Seed of the random choice of recipients.
@@ -125,7 +131,27 @@ impl BenchArgs {
         }
     }
 
+    /// Brokers the peers are spread over: ours, or the `--url`s.
+    pub(super) fn broker_count(&self) -> usize {
+        if self.url.is_empty() {
+            self.brokers
+        } else {
+            self.url.len()
+        }
+    }
+
     pub(super) fn check(&self) -> anyhow::Result<()> {
+        if self.brokers == 0 {
+            bail!("--brokers must be at least 1");
+        }
+        // A broker without peers would be started or named for nothing.
+        if self.mode != Mode::Idle && self.peers < self.broker_count() {
+            bail!(
+                "--peers ({}) must be at least the number of brokers ({}): each broker serves a peer",
+                self.peers,
+                self.broker_count()
+            );
+        }
         if self.mode != Mode::Idle && self.peers < 2 {
             bail!("--peers must be at least 2 (a peer sends to the others)");
         }
@@ -205,5 +231,63 @@ pub(super) mod tests {
             50
         );
         assert!(parse(&["--mode", "sideways"]).is_err());
+    }
+
+    #[test]
+    fn brokers_default_to_one_and_zero_is_refused() {
+        let a = parse(&[]).unwrap();
+        assert_eq!((a.brokers, a.broker_count()), (1, 1));
+        let a = parse(&["--brokers", "3"]).unwrap();
+        assert_eq!(a.broker_count(), 3);
+        a.check().unwrap();
+        let zero = parse(&["--brokers", "0"]).unwrap().check().unwrap_err();
+        assert!(zero.to_string().contains("--brokers"), "{zero}");
+        // Every broker gets a peer; idle mode spreads connections instead.
+        assert!(parse(&["--brokers", "3", "--peers", "2"])
+            .unwrap()
+            .check()
+            .is_err());
+        assert!(
+            parse(&["--brokers", "3", "--mode", "idle", "--connections", "2"])
+                .unwrap()
+                .check()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn urls_repeat_and_exclude_brokers_of_our_own() {
+        let a = parse(&[
+            "--url",
+            "ws://a:1/ws",
+            "--url",
+            "ws://b:2/ws",
+            "--provision",
+            "m.jsonl",
+        ])
+        .unwrap();
+        assert_eq!(a.url, ["ws://a:1/ws", "ws://b:2/ws"]);
+        assert_eq!(a.broker_count(), 2);
+        a.check().unwrap();
+        let e = parse(&[
+            "--brokers",
+            "2",
+            "--url",
+            "ws://a:1/ws",
+            "--provision",
+            "m.jsonl",
+        ])
+        .expect_err("--brokers with --url is a conflict");
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+        // Stated as the default, it still names brokers of our own.
+        assert!(parse(&[
+            "--brokers",
+            "1",
+            "--url",
+            "ws://a:1/ws",
+            "--provision",
+            "m.jsonl"
+        ])
+        .is_err());
     }
 }

@@ -1,5 +1,5 @@
-//! What the broker's batching actors did during a run, read from its
-//! `/metrics` before and after: a first profile of where the time went
+//! What the brokers' batching actors did during a run, read from each one's
+//! `/metrics` before and after, and added up over the brokers: a first profile of where the time went
 //! (how busy the writer, claimer and acker were, and how large their
 //! batches ran).
 
@@ -79,6 +79,20 @@ pub fn between(before: &Snapshot, after: &Snapshot) -> Snapshot {
         .collect()
 }
 
+/// Several brokers' work added up, kind by kind.
+pub fn sum<'a>(snapshots: impl IntoIterator<Item = &'a Snapshot>) -> Snapshot {
+    let mut out = Snapshot::new();
+    for snapshot in snapshots {
+        for (kind, s) in snapshot {
+            let t = out.entry(kind.clone()).or_default();
+            t.rounds += s.rounds;
+            t.requests += s.requests;
+            t.busy_s += s.busy_s;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +114,24 @@ mod tests {
         let mut before = after.clone();
         before.get_mut("writer").unwrap().rounds = 4.0;
         assert_eq!(between(&before, &after)["writer"].rounds, 6.0);
+    }
+
+    #[test]
+    fn sums_kind_by_kind() {
+        let one = parse(
+            "meshbroker_batches_total{kind=\"writer\"} 10\n\
+             meshbroker_batch_seconds_total{kind=\"writer\"} 0.5\n",
+        );
+        let two = parse(
+            "meshbroker_batches_total{kind=\"writer\"} 5\n\
+             meshbroker_batches_total{kind=\"acker\"} 3\n",
+        );
+        let total = sum([&one, &two]);
+        assert_eq!(
+            (total["writer"].rounds, total["writer"].busy_s),
+            (15.0, 0.5)
+        );
+        assert_eq!(total["acker"].rounds, 3.0);
+        assert!(sum([]).is_empty());
     }
 }

@@ -7,6 +7,11 @@
 //! message carries its sender, sequence number and send time at the start
 //! of its ciphertext (`<sender>.<seq>.<micros>.` padded to `--size`), so a
 //! recipient times send → push and spots duplicates without asking anyone.
+//!
+//! With several brokers, peer (or idle connection) i connects to broker
+//! i % N ([`broker_of`]), and a direct message goes to a peer on another
+//! broker than its sender's ([`pick_recipient`]): every send then crosses
+//! nodes, which is what a run over several brokers is for.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashSet};
@@ -15,7 +20,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
-use rand::{Rng as _, SeedableRng as _};
+use rand::SeedableRng as _;
 use serde_json::Value;
 use tokio::sync::Semaphore;
 
@@ -133,15 +138,52 @@ struct Plan {
     me: usize,
     messages: usize,
     pacing: Pacing,
-    /// `None`: broadcast to `*`.
+    /// Every peer's pubkey; `None`: broadcast to `*`.
     others: Option<Rc<Vec<String>>>,
+    /// Brokers the peers are spread over ([`broker_of`]).
+    brokers: usize,
     seed: u64,
     size: usize,
 }
 
-/// Connects `members` (at most `concurrency` hellos at once), in order.
+/// The broker (index into the URLs) that peer or connection `i` uses.
+pub fn broker_of(i: usize, brokers: usize) -> usize {
+    i % brokers
+}
+
+/// How many of `n` peers or connections [`broker_of`] puts on each broker.
+pub fn placed(n: usize, brokers: usize) -> Vec<usize> {
+    let mut counts = vec![0; brokers];
+    for i in 0..n {
+        counts[broker_of(i, brokers)] += 1;
+    }
+    counts
+}
+
+/// A uniformly random recipient for peer `me` of `n`: any other peer on
+/// one broker; with several, a peer on another broker than `me`'s. There
+/// is one for every `me` once `n >= 2`: peer 1 is on another broker than
+/// peer 0, and every other peer is on another broker than 0 or than 1.
+fn pick_recipient(rng: &mut impl rand::Rng, me: usize, n: usize, brokers: usize) -> usize {
+    if brokers <= 1 {
+        let i = rng.gen_range(0..n - 1);
+        return if i >= me { i + 1 } else { i };
+    }
+    // Rejection: a broker holds at most ceil(n / brokers) peers, so at
+    // least a third of them (3 peers on 2 brokers) are elsewhere: three
+    // draws on average at most.
+    loop {
+        let j = rng.gen_range(0..n);
+        if broker_of(j, brokers) != broker_of(me, brokers) {
+            return j;
+        }
+    }
+}
+
+/// Connects `members` (at most `concurrency` hellos at once), in order,
+/// member i to `ws[broker_of(i)]`.
 async fn connect_all(
-    ws: &str,
+    ws: &[String],
     members: &[Credentials],
     concurrency: usize,
     progress: &Progress,
@@ -151,8 +193,10 @@ async fn connect_all(
     let tasks: Vec<_> = members
         .iter()
         .cloned()
-        .map(|m| {
-            let (gate, done, ws) = (gate.clone(), done.clone(), ws.to_owned());
+        .enumerate()
+        .map(|(i, m)| {
+            let (gate, done) = (gate.clone(), done.clone());
+            let ws = ws[broker_of(i, ws.len())].clone();
             actix_web::rt::spawn(async move {
                 let _permit = gate.acquire().await.expect("never closed");
                 let r = client::hello(&ws, &m, &HelloOptions::default()).await;
@@ -196,7 +240,7 @@ async fn connect_all(
 /// burst, steady or fanout.
 pub async fn traffic(
     args: &BenchArgs,
-    ws: &str,
+    ws: &[String],
     members: &[Credentials],
     progress: &Progress,
 ) -> anyhow::Result<TrafficRun> {
@@ -235,6 +279,7 @@ pub async fn traffic(
                 messages,
                 pacing,
                 others,
+                brokers: ws.len(),
                 seed: seed.wrapping_add(me as u64),
                 size: args.size,
             }
@@ -376,11 +421,7 @@ async fn run_peer(mut conn: Connection, plan: Plan, sh: Rc<Shared>) {
             let t = micros_between(sh.base, now) as u64;
             let target = match &plan.others {
                 Some(others) => {
-                    let mut i = rng.gen_range(0..others.len() - 1);
-                    if i >= plan.me {
-                        i += 1;
-                    }
-                    others[i].as_str()
+                    others[pick_recipient(&mut rng, plan.me, others.len(), plan.brokers)].as_str()
                 }
                 None => "*",
             };
@@ -531,10 +572,11 @@ fn on_push(sh: &Shared, push: &Value, seen: &mut HashSet<u64>) {
     sh.progressed(now, true);
 }
 
-/// idle: `--connections` hellos, then nothing but answering pings.
+/// idle: `--connections` hellos, then nothing but answering pings;
+/// connection i to `ws[broker_of(i)]`.
 pub async fn idle(
     args: &BenchArgs,
-    ws: &str,
+    ws: &[String],
     members: &[Credentials],
     progress: &Progress,
     monitor: Option<&Monitor>,
@@ -567,7 +609,7 @@ pub async fn idle(
                 latencies.clone(),
                 failures.clone(),
                 last_ack.clone(),
-                ws.to_owned(),
+                ws[broker_of(i, ws.len())].clone(),
             );
             actix_web::rt::spawn(async move {
                 let permit = gate.acquire().await.expect("never closed");
@@ -675,5 +717,48 @@ mod tests {
         let v: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["ciphertext"], "3.7.1.");
         assert_eq!(parse_stamp("hello"), None);
+    }
+
+    #[test]
+    fn peers_are_placed_round_robin() {
+        assert_eq!(
+            (0..5).map(|i| broker_of(i, 2)).collect::<Vec<_>>(),
+            [0, 1, 0, 1, 0]
+        );
+        assert_eq!(placed(5, 2), [3, 2]);
+        assert_eq!(placed(7, 3), [3, 2, 2]);
+        assert_eq!(placed(4, 1), [4]);
+    }
+
+    #[test]
+    fn recipients_are_on_another_broker_and_all_of_them_are_chosen() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        for (n, brokers) in [(2, 2), (5, 2), (7, 3), (4, 4), (6, 1)] {
+            for me in 0..n {
+                let mut chosen = vec![false; n];
+                for _ in 0..500 {
+                    let j = pick_recipient(&mut rng, me, n, brokers);
+                    assert_ne!(j, me, "n={n} brokers={brokers}");
+                    if brokers > 1 {
+                        assert_ne!(
+                            broker_of(j, brokers),
+                            broker_of(me, brokers),
+                            "peer {me} sent to {j} on its own broker (n={n}, brokers={brokers})"
+                        );
+                    }
+                    chosen[j] = true;
+                }
+                let eligible = (0..n)
+                    .filter(|&j| {
+                        j != me && (brokers == 1 || broker_of(j, brokers) != broker_of(me, brokers))
+                    })
+                    .count();
+                assert_eq!(
+                    chosen.iter().filter(|&&c| c).count(),
+                    eligible,
+                    "n={n} brokers={brokers} me={me}"
+                );
+            }
+        }
     }
 }

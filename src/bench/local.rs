@@ -5,7 +5,9 @@
 //! The broker starts and owns the cluster, as it does in production, with
 //! the production settings (`EmbeddedOptions::default()`: fsync and
 //! synchronous_commit on). The bench adopts the running cluster only to
-//! provision the mesh; an adopted cluster is never stopped by its adopter.
+//! provision the mesh and to learn its URL; an adopted cluster is never
+//! stopped by its adopter. Further brokers of `--brokers` are started with
+//! that URL as `database.url` (see [`super::nodes`]).
 
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -45,7 +47,9 @@ pub struct LocalBroker {
 }
 
 impl LocalBroker {
-    pub async fn start(args: &BenchArgs) -> anyhow::Result<LocalBroker> {
+    /// `database`: `None` starts the broker with an embedded cluster of its
+    /// own; `Some(url)` points it at another broker's.
+    pub async fn start(args: &BenchArgs, database: Option<&str>) -> anyhow::Result<LocalBroker> {
         let dir = tempfile::Builder::new()
             .prefix("meshbroker-bench-")
             .tempdir()
@@ -61,7 +65,7 @@ impl LocalBroker {
         };
         let data_dir = dir.path().join("data");
         let config_path = dir.path().join("meshbroker.toml");
-        std::fs::write(&config_path, config_toml(args, port, &data_dir))?;
+        std::fs::write(&config_path, config_toml(args, port, &data_dir, database))?;
         let log = std::fs::File::create(dir.path().join("broker.log"))?;
         let exe = match &args.broker_exe {
             Some(exe) => exe.clone(),
@@ -139,12 +143,7 @@ impl LocalBroker {
     /// A mesh with `n` fresh members, stored in one transaction (one fsync
     /// instead of `n`), through the admin functions the CLI uses.
     pub async fn provision(&mut self, n: usize) -> anyhow::Result<Vec<Credentials>> {
-        let data_dir = self.data_dir.clone();
-        // Adopted, not owned: dropping it leaves the broker's cluster running.
-        let pg = tokio::task::spawn_blocking(move || {
-            EmbeddedPostgres::start(&data_dir, &EmbeddedOptions::default())
-        })
-        .await??;
+        let pg = self.adopt_cluster().await?;
         let mut conn = AsyncPgConnection::establish(&pg.url())
             .await
             .map_err(|e| anyhow!("cannot connect to the broker's PostgreSQL: {e}"))?;
@@ -163,6 +162,23 @@ impl LocalBroker {
         }
         conn.batch_execute("COMMIT").await?;
         Ok(members)
+    }
+
+    /// The URL of the broker's embedded cluster (a Unix socket in its
+    /// data dir), for other brokers to share it.
+    pub async fn database_url(&self) -> anyhow::Result<String> {
+        Ok(self.adopt_cluster().await?.url())
+    }
+
+    /// The broker's running cluster. Adopted, not owned: dropping it leaves
+    /// the cluster running.
+    async fn adopt_cluster(&self) -> anyhow::Result<EmbeddedPostgres> {
+        let data_dir = self.data_dir.clone();
+        let pg = tokio::task::spawn_blocking(move || {
+            EmbeddedPostgres::start(&data_dir, &EmbeddedOptions::default())
+        })
+        .await??;
+        Ok(pg)
     }
 
     /// SIGTERM and wait; if the broker does not exit in time, SIGKILL it and
@@ -228,14 +244,20 @@ fn stop_when_we_exit(broker: u32) {
     }
 }
 
-fn config_toml(args: &BenchArgs, port: u16, data_dir: &Path) -> String {
+fn config_toml(args: &BenchArgs, port: u16, data_dir: &Path, database: Option<&str>) -> String {
     // The token bucket must not set the pace; frames must fit --size.
+    // The connection limit is per mesh over the whole cluster, so it counts
+    // every peer whichever broker it is on.
     let connections = args.connections.max(args.peers) + 100;
+    // The embedded cluster's URL is percent-encoded: no quote to escape.
+    let database = database.map_or(String::new(), |url| {
+        format!("[database]\nurl = {url:?}\n\n")
+    });
     format!(
         r#"[server]
 listen = "127.0.0.1:{port}"
 
-[storage]
+{database}[storage]
 data_dir = {data_dir:?}
 
 [limits]
@@ -298,7 +320,7 @@ mod tests {
             "100000",
         ])
         .unwrap();
-        let text = config_toml(&args, 7911, Path::new("/tmp/b \"x\"/data"));
+        let text = config_toml(&args, 7911, Path::new("/tmp/b \"x\"/data"), None);
         let config = crate::config::Config::parse(&text, Path::new("bench.toml")).unwrap();
         assert_eq!(config.server.listen.port(), 7911);
         assert_eq!(
@@ -310,5 +332,16 @@ mod tests {
         assert!(config.limits.send_burst >= 10_000_000);
         assert!(config.limits.max_message_bytes > 100_000 + 64);
         assert!(config.limits.max_frame_bytes > config.limits.max_message_bytes);
+    }
+
+    #[test]
+    fn a_further_broker_is_pointed_at_the_first_ones_database() {
+        let args = parse(&["--brokers", "2"]).unwrap();
+        let url = "postgresql://postgres@/meshbroker?host=/tmp/b%20x/data/pg&port=5432";
+        let text = config_toml(&args, 7912, Path::new("/tmp/c/data"), Some(url));
+        let config = crate::config::Config::parse(&text, Path::new("bench.toml")).unwrap();
+        assert_eq!(config.database.url.as_deref(), Some(url));
+        assert_eq!(config.server.listen.port(), 7912);
+        assert!(config.limits.send_burst >= 10_000_000);
     }
 }

@@ -3,17 +3,21 @@
 //!
 //! By default it starts its own broker: `meshbroker serve` of this very
 //! executable as a child process, with its embedded PostgreSQL in a temp
-//! directory, durable as in production (fsync and synchronous_commit on).
-//! With `--url` and `--provision` it loads a broker that is already running.
+//! directory, durable as in production (fsync and synchronous_commit on);
+//! `--brokers N` starts N of them on that one database. With `--url` (once
+//! per broker) and `--provision` it loads brokers that are already running.
+//! Peer i connects to broker i % N, and direct messages go to peers on
+//! another broker, so with N > 1 every message crosses nodes.
 //!
 //! Every client runs on this process's one actix thread: a connection is a
 //! cheap local task, and the two cores of a small machine stay with the
 //! broker and PostgreSQL.
 //!
-//! - [`local`]: the child broker, its config and the mesh provisioned for it.
+//! - [`local`]: a child broker, its config and the mesh provisioned for it.
+//! - [`nodes`]: `--brokers N`, the child brokers on one database.
 //! - [`provision`]: the members file of `--provision`.
 //! - [`load`]: the peers' tasks and what they count.
-//! - [`procstat`]: RSS and CPU of the broker and PostgreSQL from `/proc`.
+//! - [`procstat`]: RSS and CPU of the brokers and PostgreSQL from `/proc`.
 //! - [`progress`]: the line on stderr while it runs.
 //! - [`report`]: the figures, as text or one JSON object.
 //! - [`stats`]: latency percentiles.
@@ -22,6 +26,7 @@ mod args;
 mod batches;
 mod load;
 mod local;
+mod nodes;
 mod procstat;
 mod progress;
 mod provision;
@@ -39,10 +44,11 @@ pub use report::Report;
 
 /// Where the load goes, and what the peers connect as.
 struct Target {
-    ws_url: String,
+    /// One per broker, peer i on `ws_urls[i % N]`.
+    ws_urls: Vec<String>,
     members: Vec<Credentials>,
-    /// Our own broker, when we started it.
-    local: Option<local::LocalBroker>,
+    /// Our own brokers, when we started them.
+    local: Option<nodes::LocalNodes>,
 }
 
 /// Runs `meshbroker bench`; prints the report on stdout.
@@ -50,8 +56,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     args.check()?;
     raise_fd_limit();
     let progress = Rc::new(progress::Progress::new(args.quiet));
-    let mut target = match (&args.url, &args.provision) {
-        (Some(url), Some(file)) => {
+    let mut target = match (args.url.is_empty(), &args.provision) {
+        (false, Some(file)) => {
             let members = provision::load(file)?;
             // Idle mode makes the missing connections sessions of the members.
             let least = if args.mode == Mode::Idle { 1 } else { 2 };
@@ -63,15 +69,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 );
             }
             Target {
-                ws_url: crate::client::ws_url(url),
+                ws_urls: args.url.iter().map(|u| crate::client::ws_url(u)).collect(),
                 members,
                 local: None,
             }
         }
         _ => {
-            progress
-                .note("starting a broker (meshbroker serve, embedded PostgreSQL with fsync on)");
-            let mut broker = local::LocalBroker::start(&args).await?;
+            progress.note(&if args.brokers > 1 {
+                format!("starting {} brokers (meshbroker serve; the first with embedded PostgreSQL with fsync on, the others on its database)", args.brokers)
+            } else {
+                "starting a broker (meshbroker serve, embedded PostgreSQL with fsync on)".into()
+            });
+            let mut broker = nodes::LocalNodes::start(&args).await?;
             progress.note(&format!("provisioning {} members", args.members_needed()));
             let members = match broker.provision(args.members_needed()).await {
                 Ok(m) => m,
@@ -81,7 +90,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 }
             };
             Target {
-                ws_url: broker.ws_url.clone(),
+                ws_urls: broker.ws_urls(),
                 members,
                 local: Some(broker),
             }
@@ -122,18 +131,19 @@ async fn workload(
     let monitor = target
         .local
         .as_ref()
-        .map(|l| procstat::Monitor::start(l.pid(), l.pgdata()));
+        .map(|l| procstat::Monitor::start(l.pids(), l.pgdata()));
     let bench_cpu = procstat::self_cpu_secs();
-    let batches_before = batches::snapshot(&target.ws_url).await;
-    let mut report = Report::new(args, &target.ws_url);
+    let batches_before = batch_snapshots(&target.ws_urls).await;
+    let mut report = Report::new(args, &target.ws_urls);
     if let Some(local) = &target.local {
-        report.durability = Some(local.durability.clone());
+        report.durability = Some(local.durability().clone());
     }
     match args.mode {
         Mode::Idle => {
             let members = &target.members[..args.members_needed().min(target.members.len())];
+            report.place(args.connections);
             let idle =
-                load::idle(args, &target.ws_url, members, &progress, monitor.as_ref()).await?;
+                load::idle(args, &target.ws_urls, members, &progress, monitor.as_ref()).await?;
             report.idle = Some(idle);
         }
         _ => {
@@ -146,20 +156,44 @@ async fn workload(
                 ));
             }
             report.peers = peers.len();
-            let ran = load::traffic(args, &target.ws_url, peers, &progress).await?;
+            report.place(peers.len());
+            let ran = load::traffic(args, &target.ws_urls, peers, &progress).await?;
             report.fill_traffic(ran);
         }
     }
     if let Some(m) = monitor {
-        let (broker, postgres) = m.finish();
-        report.broker = broker;
-        report.postgres = postgres;
+        let used = m.finish();
+        for (b, usage) in report.brokers.iter_mut().zip(used.brokers) {
+            b.usage = usage;
+        }
+        report.broker = used.total;
+        report.postgres = used.postgres;
     }
     report.bench_cpu_s = procstat::self_cpu_secs() - bench_cpu;
-    if let (Some(before), Some(after)) = (batches_before, batches::snapshot(&target.ws_url).await) {
-        report.batches = batches::between(&before, &after);
+    let batches_after = batch_snapshots(&target.ws_urls).await;
+    let mut read_all = true;
+    for ((b, before), after) in report
+        .brokers
+        .iter_mut()
+        .zip(batches_before)
+        .zip(batches_after)
+    {
+        match (before, after) {
+            (Some(before), Some(after)) => b.batches = batches::between(&before, &after),
+            _ => read_all = false,
+        }
+    }
+    // A broker whose /metrics could not be read would make the sum look
+    // like a lighter load: no sum then, as with one broker.
+    if read_all {
+        report.batches = batches::sum(report.brokers.iter().map(|b| &b.batches));
     }
     Ok(report)
+}
+
+/// Every broker's `/metrics` at once, in broker order.
+async fn batch_snapshots(ws_urls: &[String]) -> Vec<Option<batches::Snapshot>> {
+    futures_util::future::join_all(ws_urls.iter().map(|u| batches::snapshot(u))).await
 }
 
 /// Idle mode holds thousands of sockets, the broker's among them (it

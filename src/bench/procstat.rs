@@ -1,4 +1,5 @@
-//! Memory and CPU of our own broker and its PostgreSQL, read from `/proc`.
+//! Memory and CPU of our own brokers and their PostgreSQL, read from `/proc`:
+//! each broker, the brokers together, and the cluster.
 //!
 //! PostgreSQL is many processes: the postmaster (its pid is the first line
 //! of `postmaster.pid`) and its children. Summing their VmRSS would count
@@ -174,55 +175,98 @@ impl Track {
     }
 }
 
-/// Samples the broker and PostgreSQL a few times a second until finished.
+/// What the brokers and PostgreSQL used over the run.
+pub struct Finished {
+    /// Each broker process, in `--brokers` order.
+    pub brokers: Vec<Option<Usage>>,
+    /// The brokers together: CPU summed, RSS the peak of their sum (not the
+    /// sum of their peaks, which need not coincide).
+    pub total: Option<Usage>,
+    pub postgres: Option<Usage>,
+}
+
+/// The tracks a monitor keeps, one per broker plus their sum and PostgreSQL.
+#[derive(Default)]
+struct Tracks {
+    brokers: Vec<Track>,
+    total: Track,
+    postgres: Track,
+}
+
+/// Samples the brokers and PostgreSQL a few times a second until finished.
 pub struct Monitor {
-    broker_pid: u32,
+    broker_pids: Vec<u32>,
     pgdata: PathBuf,
-    state: Rc<RefCell<(Track, Track)>>,
+    state: Rc<RefCell<Tracks>>,
     task: actix_web::rt::task::JoinHandle<()>,
 }
 
 impl Monitor {
-    pub fn start(broker_pid: u32, pgdata: PathBuf) -> Monitor {
-        let state = Rc::new(RefCell::new((Track::default(), Track::default())));
+    pub fn start(broker_pids: Vec<u32>, pgdata: PathBuf) -> Monitor {
+        let state = Rc::new(RefCell::new(Tracks {
+            brokers: broker_pids.iter().map(|_| Track::default()).collect(),
+            ..Tracks::default()
+        }));
         let task = {
             let state = state.clone();
             let pgdata = pgdata.clone();
+            let pids = broker_pids.clone();
             actix_web::rt::spawn(async move {
                 loop {
-                    sample_into(&state, broker_pid, &pgdata);
+                    sample_into(&state, &pids, &pgdata);
                     tokio::time::sleep(SAMPLE_EVERY).await;
                 }
             })
         };
         Monitor {
-            broker_pid,
+            broker_pids,
             pgdata,
             state,
             task,
         }
     }
 
-    /// The broker's RSS right now (idle mode's before/after figures).
+    /// The brokers' RSS together right now (idle mode's before/after
+    /// figures); `None` unless every one of them could be read.
     pub fn broker_rss_now(&self) -> Option<u64> {
-        rss_kib(self.broker_pid)
+        self.broker_pids.iter().map(|&pid| rss_kib(pid)).sum()
     }
 
-    /// (broker, PostgreSQL), CPU counted from the monitor's start.
-    pub fn finish(self) -> (Option<Usage>, Option<Usage>) {
+    /// CPU counted from the monitor's start.
+    pub fn finish(self) -> Finished {
         self.task.abort();
-        sample_into(&self.state, self.broker_pid, &self.pgdata);
+        sample_into(&self.state, &self.broker_pids, &self.pgdata);
         let state = self.state.borrow();
-        (state.0.usage(false), state.1.usage(true))
+        Finished {
+            brokers: state.brokers.iter().map(|t| t.usage(false)).collect(),
+            total: state.total.usage(false),
+            postgres: state.postgres.usage(true),
+        }
     }
 }
 
-fn sample_into(state: &RefCell<(Track, Track)>, broker_pid: u32, pgdata: &Path) {
-    let b = broker_sample(broker_pid);
+fn sample_into(state: &RefCell<Tracks>, broker_pids: &[u32], pgdata: &Path) {
+    let samples: Vec<Option<Sample>> = broker_pids.iter().map(|&p| broker_sample(p)).collect();
     let p = postgres_sample(pgdata);
     let mut s = state.borrow_mut();
-    s.0.add(b);
-    s.1.add(p);
+    for (track, sample) in s.brokers.iter_mut().zip(&samples) {
+        track.add(*sample);
+    }
+    s.total.add(sum(&samples));
+    s.postgres.add(p);
+}
+
+/// The brokers' samples added up; `None` if one is missing, so a broker
+/// that could not be read does not show as a dip.
+fn sum(samples: &[Option<Sample>]) -> Option<Sample> {
+    samples.iter().try_fold(Sample::default(), |acc, s| {
+        let s = (*s)?;
+        Some(Sample {
+            rss_kib: acc.rss_kib + s.rss_kib,
+            ticks: acc.ticks + s.ticks,
+            processes: acc.processes + s.processes,
+        })
+    })
 }
 
 #[cfg(test)]
@@ -239,5 +283,28 @@ mod tests {
         assert!(rss > 0 && anon > 0, "{rss} {anon}");
         assert!(self_cpu_secs() >= 0.0);
         assert!(postgres_sample(Path::new("/nonexistent")).is_none());
+    }
+
+    #[test]
+    fn the_brokers_total_is_the_peak_of_their_sum() {
+        let s = |rss_kib, ticks| {
+            Some(Sample {
+                rss_kib,
+                ticks,
+                processes: 1,
+            })
+        };
+        let mut total = Track::default();
+        // Their peaks (30 and 40) never coincide: the sum peaks at 60, not 70.
+        total.add(sum(&[s(30, 0), s(30, 0)]));
+        total.add(sum(&[s(20, 100), s(40, 300)]));
+        total.add(sum(&[s(10, 200), None]));
+        let u = total.usage(false).unwrap();
+        assert_eq!((u.peak_rss_kib, u.cpu_s), (60, 4.0));
+        let me = std::process::id();
+        assert_eq!(
+            sum(&[broker_sample(me), broker_sample(me)]).map(|s| s.processes),
+            Some(2)
+        );
     }
 }

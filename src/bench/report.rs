@@ -5,16 +5,33 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use super::args::{BenchArgs, Mode};
-use super::load::{IdleRun, TrafficRun};
+use super::batches::Snapshot;
+use super::load::{placed, IdleRun, TrafficRun};
 use super::local::Durability;
 use super::procstat::Usage;
 use super::stats::{ms, Latency};
 
+/// One broker of the run: where it was, its share of the peers, and what
+/// it did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BrokerFigures {
+    pub url: String,
+    /// Peers (idle: connections) placed on it.
+    pub peers: usize,
+    /// Our own brokers only: `peak_rss_kib` and `cpu_s`, as `broker` has them.
+    #[serde(flatten)]
+    pub usage: Option<Usage>,
+    /// Its batching actors over the run (from its `/metrics`).
+    pub batches: Snapshot,
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
     pub mode: Mode,
-    /// `local` (a broker of our own) or the `--url`.
+    /// `local` (brokers of our own) or the `--url`s, joined by `, `.
     pub target: String,
+    /// Every broker the peers were spread over, peer i on the (i % N)-th.
+    pub brokers: Vec<BrokerFigures>,
     pub peers: usize,
     pub messages: usize,
     pub size: usize,
@@ -61,27 +78,38 @@ pub struct Report {
     pub errors: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle: Option<IdleRun>,
-    /// Our own broker only.
+    /// Our own brokers only, together: CPU summed, RSS the peak of the sum
+    /// (each one's figures are in `brokers`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker: Option<Usage>,
-    /// Our own broker's cluster only.
+    /// Our own brokers' cluster only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postgres: Option<Usage>,
     /// CPU the load generator itself used.
     pub bench_cpu_s: f64,
-    /// The broker's batching actors over the run (from its `/metrics`).
-    pub batches: super::batches::Snapshot,
+    /// The brokers' batching actors over the run, added up (each one's
+    /// are in `brokers`).
+    pub batches: Snapshot,
 }
 
 impl Report {
-    pub fn new(args: &BenchArgs, ws_url: &str) -> Report {
+    pub fn new(args: &BenchArgs, ws_urls: &[String]) -> Report {
         Report {
             mode: args.mode,
-            target: if args.url.is_some() {
-                ws_url.to_owned()
-            } else {
+            target: if args.url.is_empty() {
                 "local".into()
+            } else {
+                ws_urls.join(", ")
             },
+            brokers: ws_urls
+                .iter()
+                .map(|url| BrokerFigures {
+                    url: url.clone(),
+                    peers: 0,
+                    usage: None,
+                    batches: Snapshot::new(),
+                })
+                .collect(),
             peers: if args.mode == Mode::Idle {
                 0
             } else {
@@ -124,6 +152,14 @@ impl Report {
         }
     }
 
+    /// Records how `n` peers or connections were spread over the brokers.
+    pub fn place(&mut self, n: usize) {
+        let counts = placed(n, self.brokers.len());
+        for (b, count) in self.brokers.iter_mut().zip(counts) {
+            b.peers = count;
+        }
+    }
+
     pub fn fill_traffic(&mut self, r: TrafficRun) {
         self.sent = r.sent;
         self.accepted = r.accepted;
@@ -153,16 +189,40 @@ impl Report {
         let mut o = String::new();
         let w = &mut o;
         let _ = writeln!(w, "meshbroker bench: {}", self.headline());
+        let several = self.brokers.len() > 1;
         let target = match &self.durability {
+            Some(d) if several => format!(
+                "{} local brokers on one embedded PostgreSQL, fsync={} synchronous_commit={}",
+                self.brokers.len(),
+                d.fsync,
+                d.synchronous_commit
+            ),
             Some(d) => format!(
                 "local broker, embedded PostgreSQL fsync={} synchronous_commit={}",
                 d.fsync, d.synchronous_commit
             ),
+            None if several => format!("{} brokers", self.brokers.len()),
             None => self.target.clone(),
         };
         let _ = writeln!(w, "  target        {target}");
+        if several {
+            let unit = if self.idle.is_some() {
+                "connections"
+            } else {
+                "peers"
+            };
+            for (i, b) in self.brokers.iter().enumerate() {
+                let _ = writeln!(
+                    w,
+                    "  {:<13} {}, {} {unit}",
+                    format!("broker {i}"),
+                    b.url,
+                    b.peers
+                );
+            }
+        }
         if let Some(idle) = &self.idle {
-            render_idle(w, idle);
+            render_idle(w, idle, several);
         } else {
             let pct = |n: u64| {
                 if self.sent == 0 {
@@ -223,10 +283,28 @@ impl Report {
                 );
             }
         }
+        if several {
+            for (i, b) in self.brokers.iter().enumerate() {
+                if let Some(u) = &b.usage {
+                    let _ = writeln!(
+                        w,
+                        "  {:<13} peak RSS {}, CPU {:.1} s",
+                        format!("broker {i}"),
+                        mib(u.peak_rss_kib),
+                        u.cpu_s
+                    );
+                }
+            }
+        }
         if let Some(b) = &self.broker {
+            let (label, together) = if several {
+                ("brokers", " together")
+            } else {
+                ("broker", "")
+            };
             let _ = writeln!(
                 w,
-                "  broker        peak RSS {}, CPU {:.1} s",
+                "  {label:<13} peak RSS {}{together}, CPU {:.1} s",
                 mib(b.peak_rss_kib),
                 b.cpu_s
             );
@@ -241,14 +319,21 @@ impl Report {
             );
         }
         let _ = writeln!(w, "  bench         CPU {:.2} s", self.bench_cpu_s);
+        // Summed over N brokers, busy time is N actors' time.
+        let actors = self.brokers.len().max(1) as f64;
+        let mean_of = if several {
+            format!(" (mean of {} brokers)", self.brokers.len())
+        } else {
+            String::new()
+        };
         for (kind, b) in &self.batches {
             if b.rounds <= 0.0 {
                 continue;
             }
             let busy = if self.wall_s > 0.0 {
                 format!(
-                    ", busy {:.0} % of the wall time",
-                    b.busy_s * 100.0 / self.wall_s
+                    ", busy {:.0} % of the wall time{mean_of}",
+                    b.busy_s * 100.0 / (self.wall_s * actors)
                 )
             } else {
                 String::new()
@@ -271,7 +356,7 @@ impl Report {
     }
 
     fn headline(&self) -> String {
-        match self.mode {
+        let what = match self.mode {
             Mode::Burst => format!(
                 "burst, {} peers × {} messages × {} B, window {}",
                 self.peers, self.messages, self.size, self.window
@@ -295,11 +380,15 @@ impl Report {
                 "idle, {} connections",
                 self.idle.as_ref().map_or(0, |i| i.connections)
             ),
+        };
+        match self.brokers.len() {
+            0 | 1 => what,
+            n => format!("{what}, over {n} brokers"),
         }
     }
 }
 
-fn render_idle(w: &mut String, idle: &IdleRun) {
+fn render_idle(w: &mut String, idle: &IdleRun, several: bool) {
     let _ = writeln!(
         w,
         "  connected     {} of {}",
@@ -325,9 +414,10 @@ fn render_idle(w: &mut String, idle: &IdleRun) {
     );
     if let (Some(b), Some(a)) = (idle.broker_rss_before_kib, idle.broker_rss_after_kib) {
         let per = idle.broker_kib_per_connection.unwrap_or(0.0);
+        let label = if several { "brokers RSS" } else { "broker RSS" };
         let _ = writeln!(
             w,
-            "  broker RSS    {} before, {} connected: {per:.1} KiB per connection",
+            "  {label:<13} {} before, {} connected: {per:.1} KiB per connection",
             mib(b),
             mib(a)
         );
@@ -344,4 +434,69 @@ fn bracket(items: &[String]) -> String {
 
 fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::args::tests::parse;
+
+    fn usage(peak_rss_kib: u64, cpu_s: f64) -> Option<Usage> {
+        Some(Usage {
+            peak_rss_kib,
+            cpu_s,
+            peak_processes: None,
+        })
+    }
+
+    #[test]
+    fn several_brokers_are_named_with_their_peers_and_figures() {
+        let args = parse(&["--brokers", "2", "--peers", "5"]).unwrap();
+        let urls = ["ws://a:1/ws".to_owned(), "ws://b:2/ws".to_owned()];
+        let mut r = Report::new(&args, &urls);
+        r.place(5);
+        r.brokers[0].usage = usage(2048, 1.5);
+        r.brokers[1].usage = usage(1024, 0.5);
+        r.broker = usage(3072, 2.0);
+        let text = r.render();
+        assert!(text.contains("window 256, over 2 brokers\n"), "{text}");
+        assert!(
+            text.contains("  broker 0      ws://a:1/ws, 3 peers\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  broker 1      ws://b:2/ws, 2 peers\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  broker 0      peak RSS 2.0 MiB, CPU 1.5 s\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  brokers       peak RSS 3.0 MiB together, CPU 2.0 s\n"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["brokers"][1]["url"], "ws://b:2/ws");
+        assert_eq!(json["brokers"][1]["peers"], 2);
+        assert_eq!(json["brokers"][1]["peak_rss_kib"], 1024);
+        assert_eq!(json["target"], "local");
+    }
+
+    #[test]
+    fn one_broker_reads_as_before() {
+        let args = parse(&["--peers", "4"]).unwrap();
+        let mut r = Report::new(&args, &["ws://a:1/ws".to_owned()]);
+        r.place(4);
+        r.broker = usage(1024, 1.0);
+        let text = r.render();
+        assert!(
+            !text.contains("over 1 brokers") && !text.contains("broker 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  broker        peak RSS 1.0 MiB, CPU 1.0 s\n"),
+            "{text}"
+        );
+    }
 }

@@ -49,6 +49,11 @@ async fn burst_with_its_own_durable_broker_delivers_everything() {
     assert!(n(&r["broker"], "peak_rss_kib") > 0, "{r}");
     assert!(n(&r["postgres"], "peak_rss_kib") > 0, "{r}");
     assert!(n(&r["postgres"], "peak_processes") > 1, "{r}");
+    // One broker: one entry, holding every peer and the same figures.
+    let brokers = r["brokers"].as_array().unwrap_or_else(|| panic!("{r}"));
+    assert_eq!(brokers.len(), 1, "{r}");
+    assert_eq!(n(&brokers[0], "peers"), 4, "{r}");
+    assert_eq!(brokers[0]["cpu_s"], r["broker"]["cpu_s"], "{r}");
 }
 
 #[actix_web::test]
@@ -161,4 +166,107 @@ async fn against_a_running_broker_with_a_provision_file() {
         |rows| rows[0]["n"] == 40,
     )
     .await;
+}
+
+/// `--brokers 2`: two brokers on the first one's embedded PostgreSQL, the
+/// peers spread over them and every message sent to the other one's peers.
+#[actix_web::test]
+async fn burst_over_two_brokers_on_one_database_delivers_everything() {
+    let r = bench(&[
+        "--brokers",
+        "2",
+        "--mode",
+        "burst",
+        "--peers",
+        "4",
+        "--messages",
+        "10",
+    ])
+    .await;
+    let brokers = r["brokers"].as_array().unwrap_or_else(|| panic!("{r}"));
+    assert_eq!(brokers.len(), 2, "{r}");
+    assert_ne!(brokers[0]["url"], brokers[1]["url"], "{r}");
+    for b in brokers {
+        assert_eq!(n(b, "peers"), 2, "{r}");
+        assert!(n(b, "peak_rss_kib") > 0, "{r}");
+        // Both have senders: each stored messages.
+        assert!(
+            b["batches"]["writer"]["rounds"].as_f64().unwrap() > 0.0,
+            "{r}"
+        );
+    }
+    assert_eq!(r["target"], "local");
+    assert_eq!(r["durability"]["fsync"], "on", "{r}");
+    assert_eq!(n(&r, "sent"), 40, "{r}");
+    assert_eq!(n(&r, "accepted"), 40, "{r}");
+    assert_eq!(n(&r, "acked"), 40, "{r}");
+    assert_eq!(n(&r, "lost"), 0, "{r}");
+    assert_eq!(n(&r, "unanswered"), 0, "{r}");
+    // The totals are over both brokers.
+    let peak = |b: &Value| n(b, "peak_rss_kib");
+    assert!(
+        peak(&r["broker"]) >= peak(&brokers[0]).max(peak(&brokers[1])),
+        "{r}"
+    );
+    let rounds = |b: &Value| b["batches"]["writer"]["rounds"].as_f64().unwrap();
+    assert_eq!(
+        r["batches"]["writer"]["rounds"].as_f64().unwrap(),
+        rounds(&brokers[0]) + rounds(&brokers[1]),
+        "{r}"
+    );
+}
+
+/// `--url` twice: two running brokers on one database share the peers.
+#[actix_web::test]
+async fn against_two_running_brokers_with_one_provision_file() {
+    let env = TestEnv::without_broker().await;
+    let (a, b) = (
+        BrokerProcess::spawn(&env.db_url).await,
+        BrokerProcess::spawn(&env.db_url).await,
+    );
+    let mesh = env.mesh_id.to_string();
+    let mut file = String::new();
+    for name in ["p1", "p2", "p3", "p4"] {
+        let out = run_cli(
+            &a.config_path,
+            &["member", "add", "--mesh", &mesh, "--name", name, "--json"],
+        )
+        .await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        file.push_str(&String::from_utf8_lossy(&out.stdout));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("members.jsonl");
+    std::fs::write(&path, file).unwrap();
+    let path = path.display().to_string();
+    let r = bench(&[
+        "--url",
+        &a.ws_url,
+        "--url",
+        &b.ws_url,
+        "--provision",
+        &path,
+        "--mode",
+        "burst",
+        "--peers",
+        "4",
+        "--messages",
+        "5",
+    ])
+    .await;
+    assert_eq!(r["target"], format!("{}, {}", a.ws_url, b.ws_url), "{r}");
+    let brokers = r["brokers"].as_array().unwrap_or_else(|| panic!("{r}"));
+    assert_eq!(brokers.len(), 2, "{r}");
+    for (got, url) in brokers.iter().zip([&a.ws_url, &b.ws_url]) {
+        assert_eq!(got["url"], url.as_str(), "{r}");
+        assert_eq!(n(got, "peers"), 2, "{r}");
+        assert!(got.get("peak_rss_kib").is_none(), "not ours: {r}");
+    }
+    assert_eq!(n(&r, "accepted"), 20, "{r}");
+    assert_eq!(n(&r, "acked"), 20, "{r}");
+    assert_eq!(n(&r, "lost"), 0, "{r}");
 }
