@@ -84,7 +84,12 @@ const LAYERS: &[(&str, &[&str])] = &[
     // supervised background passes.
     (
         "actors::session",
-        &["actors::session", "actors::sweeper", "actors::janitor"],
+        &[
+            "actors::session",
+            "actors::sweeper",
+            "actors::janitor",
+            "actors::bus",
+        ],
     ),
     ("http", &["http"]),
     ("broker", &["broker"]),

@@ -229,7 +229,11 @@ impl Link {
     async fn connect(&self, registered: &mut bool) -> Result<AsyncPgConnection, BusError> {
         let mut conn = timed(db::establish(self.shared.pool.url())).await?;
         let channel = format!("mb_{}", self.me().simple());
-        timed(conn.batch_execute(&format!("LISTEN {channel}"))).await?;
+        // Named, so an operator (and a test) can tell it in pg_stat_activity.
+        timed(conn.batch_execute(&format!(
+            "SET application_name = 'meshbroker bus'; LISTEN {channel}"
+        )))
+        .await?;
         if !*registered {
             timed(queries::register_node(&mut conn, &self.node)).await?;
             *registered = true;

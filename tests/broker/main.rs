@@ -7,6 +7,7 @@ mod support;
 
 mod admin_frames;
 mod bench_cmd;
+mod cluster;
 mod delivery;
 mod durability;
 mod faults;
