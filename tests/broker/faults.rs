@@ -663,6 +663,106 @@ async fn postgres_outage_refuses_sends_and_recovers_without_restart() {
     );
 }
 
+/// Two brokers on one PostgreSQL, traffic from a member on one to a member
+/// on the other, and PostgreSQL stopped for longer than `cluster.dead_after`
+/// and started again (what a failover behind the same address does): both
+/// brokers reconnect their pools and buses by themselves, neither declares
+/// the other dead for the outage, readiness is 503 throughout it, and every
+/// send answered `queued:true` is delivered across the nodes.
+#[actix_web::test]
+async fn postgres_restart_under_cross_node_traffic_loses_nothing() {
+    const TEST: &str = "postgres_restart_under_cross_node_traffic_loses_nothing";
+    let mut cluster = OwnCluster::start().await;
+    let mesh = Mesh::create(&cluster.url).await;
+    let a = mesh.member("alice").await;
+    let b = mesh.member("bob").await;
+    let config = ProcessConfig::new()
+        .set("delivery.lease", "\"3s\"")
+        .set("cluster.heartbeat_interval", "\"200ms\"")
+        .set("cluster.dead_after", "\"2s\"")
+        // Only notices (and the wake after the bus reconnects) carry
+        // deliveries between the nodes.
+        .set("cluster.poll_interval", "\"1h\"")
+        .set("janitor.interval", "\"1h\"");
+    let p0 = BrokerProcess::spawn_config(&cluster.url, config.clone()).await;
+    let p1 = BrokerProcess::spawn_config(&cluster.url, config).await;
+    for p in [&p0, &p1] {
+        wait_metric_at(
+            &p.http_url,
+            "meshbroker_cluster_nodes",
+            &[],
+            RECOVER,
+            |v| v == 2.0,
+            |_| p.log(),
+        )
+        .await;
+    }
+    let ac = connect_retry(&p0.ws_url, &a).await;
+    let bc = connect_retry(&p1.ws_url, &b).await;
+    let ledger = Rc::new(RefCell::new(Ledger::default()));
+    let log: Rc<RefCell<Vec<Sent>>> = Rc::default();
+    let traffic = SteadyTraffic::start(ac, bc, b.pubkey(), &ledger, &log);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        ledger.borrow().report().accepted > 0,
+        "traffic crosses before the outage"
+    );
+
+    cluster.stop().await;
+    let stopped = Instant::now();
+    for p in [&p0, &p1] {
+        assert_eq!(
+            ready_status(&p.http_url).await,
+            Some(503),
+            "/health/ready while PostgreSQL is down"
+        );
+    }
+    // Longer than cluster.dead_after: every heartbeat is stale on return.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let outage_end = Instant::now();
+    cluster.restart().await;
+    let started = Instant::now();
+    let first_queued = traffic
+        .first_queued(
+            &log,
+            outage_end,
+            started,
+            "after PostgreSQL came back",
+            String::new,
+        )
+        .await;
+    let all_acked = traffic.wind_down(started, &mesh.pool, TEST).await;
+    for p in [&p0, &p1] {
+        assert_eq!(
+            ready_status(&p.http_url).await,
+            Some(200),
+            "/health/ready after the outage"
+        );
+        let text = metrics_at(&p.http_url).await;
+        assert_eq!(
+            metric(&text, "meshbroker_cluster_fenced_total", &[]),
+            0.0,
+            "no node was declared dead for the outage:\n{}",
+            p.log()
+        );
+        assert!(metric(&text, "meshbroker_cluster_bus_reconnects_total", &[]) >= 1.0);
+    }
+    let refused_during = log
+        .borrow()
+        .iter()
+        .filter(|s| s.began >= stopped && s.answered < outage_end && !s.queued)
+        .count();
+    ledger.borrow().assert_nothing_lost(
+        TEST,
+        &format!(
+            "refused_during_outage={refused_during} outage={} pg_start_to_first_queued={} pg_start_to_all_acked={}",
+            secs(outage_end - stopped),
+            secs(first_queued),
+            secs(all_acked)
+        ),
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 3. The broker's own embedded PostgreSQL is killed
 
