@@ -4,9 +4,9 @@
 //!
 //! Like [`crate::admin`], they work on any connection to the broker's
 //! database, with or without a running broker. A requeued delivery is
-//! claimable at once; a running broker pushes it to a connected recipient
-//! within `janitor.interval` (its janitor wakes members with claimable
-//! deliveries), and otherwise at the recipient's next connection.
+//! claimable at once; the brokers where its recipient is connected are
+//! notified and push it then (their poll, every `cluster.poll_interval`,
+//! is the safety net), and otherwise at the recipient's next connection.
 //!
 //! Large selections are handled in statements of at most [`BATCH`] rows,
 //! so an operator never holds locks on the whole queue at once.
@@ -16,7 +16,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::db::dead_letters::{self as db, Action, SelectError};
-use crate::db::lifecycle;
+use crate::db::{lifecycle, queries};
 use crate::ids::MeshId;
 
 pub use crate::db::dead_letters::{DeadLetter, BATCH};
@@ -90,6 +90,11 @@ pub async fn requeue(
     ensure_mesh(conn, mesh_id).await?;
     let mut rows = run_selected(conn, mesh_id, selection, Action::Requeue).await?;
     rows.sort_unstable();
+    // Best effort: the brokers' poll wakes the recipients anyway.
+    let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
+    if let Ok(members) = queries::recipients_of(conn, &ids).await {
+        let _ = queries::wake_everywhere(conn, &members).await;
+    }
     Ok(Requeued {
         requeued: rows.len(),
         ids: rows.into_iter().map(|(id, _)| id).collect(),

@@ -47,8 +47,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// A statement of the bus that takes longer than this counts as a lost
 /// connection (the heartbeat must not hang behind it).
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bytes of notice items per NOTIFY, under PostgreSQL's 8000-byte payload.
-const PAYLOAD_BUDGET: usize = 7000;
 
 type Items = Vec<(queries::Route, Notice)>;
 
@@ -303,8 +301,7 @@ impl Link {
         Ok(())
     }
 
-    /// Sends queued notices: one NOTIFY per node (per [`PAYLOAD_BUDGET`]),
-    /// only to nodes with a recipient connected, none when this node is
+    /// Sends queued notices: one NOTIFY per node, only to nodes with a recipient connected, none when this node is
     /// alone.
     async fn flush(&self, conn: &mut AsyncPgConnection, items: Items) -> Result<(), BusError> {
         let cluster = &self.shared.metrics.cluster;
@@ -319,25 +316,13 @@ impl Link {
             .map(|(route, notice)| (route, notice.encode()))
             .collect();
         let header = format!("t{}", chrono::Utc::now().timestamp_micros());
-        let mut sent = 0u64;
-        let mut start = 0;
-        while start < items.len() {
-            let mut end = start;
-            let mut bytes = header.len();
-            while end < items.len() && bytes + items[end].1.len() < PAYLOAD_BUDGET {
-                bytes += items[end].1.len() + 1;
-                end += 1;
-            }
-            let n = timed(queries::notify_nodes(
-                conn,
-                Some(self.me()),
-                &header,
-                &items[start..end],
-            ))
-            .await?;
-            sent += n.max(0) as u64;
-            start = end;
-        }
+        let sent = timed(queries::notify_nodes(
+            conn,
+            Some(self.me()),
+            &header,
+            &items,
+        ))
+        .await?;
         Metrics::add(&cluster.notifications_sent, sent);
         Metrics::add(&cluster.coalesced, (asked as u64).saturating_sub(sent));
         Ok(())

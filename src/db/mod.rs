@@ -10,6 +10,7 @@ pub mod admin;
 pub mod dead_letters;
 pub mod embedded;
 pub mod lifecycle;
+pub mod notice;
 mod pool;
 pub mod queries;
 pub mod rules;

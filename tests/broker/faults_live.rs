@@ -285,7 +285,9 @@ async fn sigusr1_sweeper_failures_are_survived_and_redelivery_goes_on() {
     let bob = env.member("bob").await;
     let config = ProcessConfig::new()
         .set("delivery.lease", "\"1s\"")
-        .set("delivery.max_attempts", "100");
+        .set("delivery.max_attempts", "100")
+        // The poll would claim the expired lease too: only the sweeper may.
+        .set("cluster.poll_interval", "\"1h\"");
     let p = BrokerProcess::spawn_config(&env.db_url, config).await;
     let (mut ac, _) = connect(&p, &alice).await;
     let (mut bc, _) = connect(&p, &bob).await;

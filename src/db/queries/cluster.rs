@@ -10,7 +10,8 @@ use uuid::Uuid;
 
 use super::common::{secs, Conn};
 use super::sweep::Subject;
-use crate::ids::Role;
+use crate::db::notice::Notice;
+use crate::ids::{MemberId, Role};
 
 /// What this node says about itself in `mesh.node`.
 #[derive(Debug, Clone)]
@@ -140,35 +141,74 @@ impl Route {
     }
 }
 
+/// Bytes of notice items per NOTIFY, under PostgreSQL's 8000-byte payload.
+const PAYLOAD_BUDGET: usize = 7000;
+
 /// Sends `items` to the live nodes their routes name, other than `me`
-/// (`None`: any, e.g. from the command line): one notification per node,
-/// `header` first. The caller keeps one call's items under the payload
-/// limit. Returns how many notifications went out.
+/// (`None`: any, e.g. from the command line): one notification per node
+/// (per [`PAYLOAD_BUDGET`] of items), `header` first. Returns how many
+/// notifications went out.
 pub async fn notify_nodes(
     conn: &mut Conn,
     me: Option<Uuid>,
     header: &str,
     items: &[(Route, String)],
-) -> QueryResult<i32> {
+) -> QueryResult<u64> {
     #[derive(QueryableByName)]
     struct Sent {
         #[diesel(sql_type = Int4)]
         sent: i32,
     }
-    if items.is_empty() {
-        return Ok(0);
+    let mut sent = 0;
+    let mut start = 0;
+    while start < items.len() {
+        let mut end = start;
+        let mut bytes = header.len();
+        while end < items.len() && bytes + items[end].1.len() < PAYLOAD_BUDGET {
+            bytes += items[end].1.len() + 1;
+            end += 1;
+        }
+        let chunk = &items[start..end];
+        let (routes, ids): (Vec<&str>, Vec<Uuid>) = chunk.iter().map(|(r, _)| r.parts()).unzip();
+        let texts: Vec<&str> = chunk.iter().map(|(_, t)| t.as_str()).collect();
+        let row: Sent = diesel::sql_query("SELECT mesh.notify_nodes($1, $2, $3, $4, $5) AS sent")
+            .bind::<Nullable<SqlUuid>, _>(me)
+            .bind::<Text, _>(header)
+            .bind::<Array<Text>, _>(&routes)
+            .bind::<Array<SqlUuid>, _>(&ids)
+            .bind::<Array<Text>, _>(&texts)
+            .get_result(conn)
+            .await?;
+        sent += row.sent.max(0) as u64;
+        start = end;
     }
-    let (routes, ids): (Vec<&str>, Vec<Uuid>) = items.iter().map(|(r, _)| r.parts()).unzip();
-    let texts: Vec<&str> = items.iter().map(|(_, t)| t.as_str()).collect();
-    let row: Sent = diesel::sql_query("SELECT mesh.notify_nodes($1, $2, $3, $4, $5) AS sent")
-        .bind::<Nullable<SqlUuid>, _>(me)
-        .bind::<Text, _>(header)
-        .bind::<Array<Text>, _>(&routes)
-        .bind::<Array<SqlUuid>, _>(&ids)
-        .bind::<Array<Text>, _>(&texts)
-        .get_result(conn)
-        .await?;
-    Ok(row.sent)
+    Ok(sent)
+}
+
+/// Wakes these members' drains on every node where they are connected
+/// (after a change no broker made, such as a requeue from the command line).
+pub async fn wake_everywhere(conn: &mut Conn, members: &[Uuid]) -> QueryResult<u64> {
+    let items: Vec<(Route, String)> = members
+        .iter()
+        .map(|&m| (Route::Member(m), Notice::Wake(MemberId(m)).encode()))
+        .collect();
+    notify_nodes(conn, None, "", &items).await
+}
+
+/// The members these deliveries are for.
+pub async fn recipients_of(conn: &mut Conn, deliveries: &[i64]) -> QueryResult<Vec<Uuid>> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = SqlUuid)]
+        recipient_member_id: Uuid,
+    }
+    let rows: Vec<Row> = diesel::sql_query(
+        "SELECT DISTINCT recipient_member_id FROM mesh.message_queue WHERE id = ANY($1)",
+    )
+    .bind::<Array<Int8>, _>(deliveries)
+    .load(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| r.recipient_member_id).collect())
 }
 
 /// The connections `ids` as system events describe them (a notice carries
