@@ -227,10 +227,10 @@ async fn three_nodes_carry_traffic_events_status_kick_and_replacement_between_th
     let (code, reason) = old.expect_close(WAIT).await.must();
     assert_eq!((code, reason.as_str()), (Some(1000), "session_replaced"));
     let live = env
-        .rows(&format!(
+        .rows(
             "SELECT count(*) AS n FROM mesh.presence
-              WHERE session_id = 'carol-daemon' AND disconnected_at IS NULL"
-        ))
+              WHERE session_id = 'carol-daemon' AND disconnected_at IS NULL",
+        )
         .await;
     assert_eq!(
         live[0]["n"], 1,
@@ -283,10 +283,10 @@ async fn a_killed_node_is_taken_over_in_seconds_and_its_members_redelivered_at_o
         ledger.pushed(&push);
     }
     let node1 = env
-        .rows(&format!(
+        .rows(
             "SELECT broker_node_id::text AS id FROM mesh.presence p JOIN mesh.member m
-               ON m.id = p.member_id WHERE m.name = 'victim' AND p.disconnected_at IS NULL"
-        ))
+               ON m.id = p.member_id WHERE m.name = 'victim' AND p.disconnected_at IS NULL",
+        )
         .await[0]["id"]
         .as_str()
         .unwrap()
@@ -363,11 +363,11 @@ async fn a_terminated_listening_connection_is_replaced_and_nothing_waits_for_the
 
     // Every bus connection (the listening ones) is terminated.
     let killed = env
-        .rows(&format!(
+        .rows(
             "SELECT pg_terminate_backend(pid) AS killed FROM pg_stat_activity
               WHERE datname = current_database() AND pid <> pg_backend_pid()
-                AND application_name = 'meshbroker bus'"
-        ))
+                AND application_name = 'meshbroker bus'",
+        )
         .await;
     assert_eq!(killed.len(), 2, "one bus connection per node: {killed:?}");
     for node in &p {
