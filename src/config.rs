@@ -706,6 +706,28 @@ mod tests {
     }
 
     #[test]
+    fn a_node_is_not_declared_dead_after_one_late_heartbeat() {
+        let c = Config::default().cluster;
+        assert!(c.dead_after.0 >= c.heartbeat_interval.0 * 3);
+        let err = Config::parse(
+            "[cluster]\nheartbeat_interval = \"1s\"\ndead_after = \"2s\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("cluster.dead_after") && err.contains("3 ×"),
+            "{err}"
+        );
+        let ok = Config::parse(
+            "[cluster]\nheartbeat_interval = \"200ms\"\ndead_after = \"1s\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert_eq!(ok.cluster.dead_after, Dur::secs(1));
+    }
+
+    #[test]
     fn trusted_proxies_are_parsed_and_bad_ones_named() {
         assert!(Config::default().server.trusted_proxies.is_empty());
         let c = Config::parse(

@@ -650,7 +650,7 @@ impl Metrics {
             ),
             (
                 "bus_reconnects",
-                "Times the bus's own database connection was re-established.",
+                "Times the bus's listening connection was re-established.",
                 &c.reconnects,
             ),
             (

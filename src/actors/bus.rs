@@ -1,9 +1,9 @@
 //! This node in the cluster: every broker on one database is a node, and
 //! the bus is how it meets the others (docs/cluster.md).
 //!
-//! All of it runs on one database connection of its own, never a pooled
-//! one (LISTEN belongs to a session, and a pool exhausted by traffic must
-//! not starve the heartbeat):
+//! It runs on two database connections of its own, never pooled ones
+//! (LISTEN belongs to a session, and a pool exhausted by traffic must not
+//! starve the heartbeat):
 //! - the heartbeat (`cluster.heartbeat_interval`): refreshes this node's
 //!   row in `mesh.node`, learns how many nodes live and which leads (the
 //!   oldest: it runs the cluster-wide housekeeping), and declares dead any
@@ -11,16 +11,16 @@
 //!   its connections with the takeover grace window, waking the members
 //!   whose leases came free. A node that finds itself declared dead (a
 //!   long pause, a partition) closes every socket before it serves on.
-//! - notices out: what the registry publishes (wake-ups after a commit,
-//!   system events, closes) is queued while a flush runs and sent in the
-//!   next one, one NOTIFY per node that has a recipient connected, ids
-//!   only ([`crate::actors::wake::Notice`]).
+//! - notices out, on a second connection of its own: what the registry
+//!   publishes (wake-ups after a commit, system events, closes) is queued
+//!   while a flush runs and sent in the next one, one NOTIFY per node that
+//!   has a recipient connected, ids only ([`crate::actors::wake::Notice`]).
 //! - notices in: LISTEN on this node's channel; events are resolved to
 //!   their connections with one read, then handed to the registry.
 //!
-//! When the connection fails the bus reconnects with backoff, and after
-//! every (re)connect wakes every local drain: whatever was sent while it
-//! was away is claimed then. Behind it, every `cluster.poll_interval`, a
+//! When the connection fails the bus reconnects with backoff (polling at
+//! each attempt), and after every (re)connect wakes every local drain:
+//! whatever was sent while it was away is claimed then. Behind it, every `cluster.poll_interval`, a
 //! poll (on the pool) wakes the local members that have claimable
 //! deliveries, so a lost notice costs at most one poll interval.
 
@@ -49,6 +49,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Items = Vec<(queries::Route, Notice)>;
+/// Notices queued for the sender, with when they were published (unix µs).
+type Queued = (i64, Items);
 
 /// Why the bus dropped its connection.
 #[derive(Debug, thiserror::Error)]
@@ -77,8 +79,8 @@ pub struct Bus {
     shared: Arc<Shared>,
     registry: Addr<Registry>,
     node: queries::NodeInfo,
-    out: mpsc::UnboundedSender<Items>,
-    rx: Option<mpsc::UnboundedReceiver<Items>>,
+    out: mpsc::UnboundedSender<Queued>,
+    rx: Option<mpsc::UnboundedReceiver<Queued>>,
 }
 
 impl Bus {
@@ -106,7 +108,8 @@ impl Actor for Bus {
             node: self.node.clone(),
             polling: Arc::new(AtomicBool::new(false)),
         };
-        ctx.spawn(link.run(rx).into_actor(self));
+        ctx.spawn(link.clone().send_loop(rx).into_actor(self));
+        ctx.spawn(link.run().into_actor(self));
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
@@ -120,11 +123,14 @@ impl Handler<Publish> for Bus {
     fn handle(&mut self, msg: Publish, _: &mut Self::Context) {
         self.shared.metrics.actor_message(ActorKind::Bus);
         Metrics::add(&self.shared.metrics.cluster.notices, msg.0.len() as u64);
-        let _ = self.out.send(msg.0);
+        let _ = self
+            .out
+            .send((chrono::Utc::now().timestamp_micros(), msg.0));
     }
 }
 
-/// What the bus's loop works with.
+/// What the bus's loops work with.
+#[derive(Clone)]
 struct Link {
     shared: Arc<Shared>,
     registry: Addr<Registry>,
@@ -137,7 +143,6 @@ struct Link {
 enum Woke {
     Notification(Option<diesel::QueryResult<diesel::pg::PgNotification>>),
     Beat,
-    Out(Option<Items>),
     Poll,
 }
 
@@ -146,7 +151,8 @@ impl Link {
         self.shared.node_id.0
     }
 
-    async fn run(self, mut rx: mpsc::UnboundedReceiver<Items>) {
+    /// The listening loop: heartbeat, notices in, the poll.
+    async fn run(self) {
         let cluster = &self.shared.config.cluster;
         let mut backoff = MIN_BACKOFF;
         let mut registered = false;
@@ -157,17 +163,10 @@ impl Link {
             let mut conn = match self.connect(&mut registered).await {
                 Ok(conn) => conn,
                 Err(e) => {
-                    self.shared
-                        .cluster
-                        .set(false, self.shared.cluster.live_nodes());
                     tracing::warn!(error = %e, retry_in = ?backoff, "cluster bus: no connection");
-                    // Nobody can be told now: the poll and the wake after
-                    // the reconnect stand in for what is dropped.
-                    let mut dropped = 0;
-                    while let Ok(items) = rx.try_recv() {
-                        dropped += items.len() as u64;
-                    }
-                    Metrics::add(&self.shared.metrics.cluster.dropped, dropped);
+                    // What was notified meanwhile is found by the poll, and
+                    // by the wake after the reconnect.
+                    self.poll();
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                     continue;
@@ -189,7 +188,6 @@ impl Link {
                     tokio::select! {
                         n = stream.next() => Woke::Notification(n),
                         _ = beat.tick() => Woke::Beat,
-                        items = rx.recv() => Woke::Out(items),
                         _ = poll.tick() => Woke::Poll,
                     }
                 };
@@ -198,14 +196,6 @@ impl Link {
                     Woke::Notification(Some(Err(e))) => Err(BusError::Query(e)),
                     Woke::Notification(None) => Err(BusError::Lost),
                     Woke::Beat => self.heartbeat(&mut conn, &mut healthy_since).await,
-                    Woke::Out(Some(mut items)) => {
-                        while let Ok(more) = rx.try_recv() {
-                            items.extend(more);
-                        }
-                        self.flush(&mut conn, items).await
-                    }
-                    // The actor is gone: the broker stopped.
-                    Woke::Out(None) => return,
                     Woke::Poll => {
                         self.poll();
                         Ok(())
@@ -215,15 +205,72 @@ impl Link {
                     break e;
                 }
             };
-            self.shared
-                .cluster
-                .set(false, self.shared.cluster.live_nodes());
+            // Leadership stays as last seen: a node alone whose bus cannot
+            // connect must go on expiring leases, and two leaders for a
+            // while are safe (see the sweeper).
             tracing::warn!(error = %error, "cluster bus: connection lost; reconnecting");
         }
     }
 
-    /// Opens the bus's connection, listens on this node's channel, and (the
-    /// first time) adds this node to `mesh.node`.
+    /// The sending loop, on a connection of its own so that notices out
+    /// never wait behind a heartbeat or a notice being read: takes every
+    /// queued notice at once (they coalesce while a flush runs) and sends
+    /// them. A flush that fails is tried once more on a new connection;
+    /// then its notices are dropped (counted), for the poll to cover.
+    async fn send_loop(self, mut rx: mpsc::UnboundedReceiver<Queued>) {
+        let mut conn: Option<AsyncPgConnection> = None;
+        let mut backoff = MIN_BACKOFF;
+        // Ends when the actor is gone: the broker stopped.
+        while let Some((mut since, mut items)) = rx.recv().await {
+            while let Ok((at, more)) = rx.try_recv() {
+                since = since.min(at);
+                items.extend(more);
+            }
+            if self.shared.cluster.live_nodes() <= 1 {
+                // Alone: nobody to tell.
+                continue;
+            }
+            let mut sent = false;
+            for _attempt in 0..2 {
+                if conn.is_none() {
+                    match self.connect_sender().await {
+                        Ok(c) => conn = Some(c),
+                        Err(e) => {
+                            tracing::warn!(error = %e, retry_in = ?backoff, "cluster bus: cannot connect to send notices");
+                            break;
+                        }
+                    }
+                }
+                let Some(c) = conn.as_mut() else { break };
+                match self.flush(c, since, &items).await {
+                    Ok(()) => {
+                        sent = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster bus: sending notices failed; reconnecting");
+                        conn = None;
+                    }
+                }
+            }
+            if sent {
+                backoff = MIN_BACKOFF;
+            } else {
+                Metrics::add(&self.shared.metrics.cluster.dropped, items.len() as u64);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+
+    async fn connect_sender(&self) -> Result<AsyncPgConnection, BusError> {
+        let mut conn = timed(db::establish(self.shared.pool.url())).await?;
+        timed(conn.batch_execute("SET application_name = 'meshbroker bus send'")).await?;
+        Ok(conn)
+    }
+
+    /// Opens the bus's listening connection, listens on this node's
+    /// channel, and (the first time) adds this node to `mesh.node`.
     async fn connect(&self, registered: &mut bool) -> Result<AsyncPgConnection, BusError> {
         let mut conn = timed(db::establish(self.shared.pool.url())).await?;
         let channel = format!("mb_{}", self.me().simple());
@@ -301,21 +348,24 @@ impl Link {
         Ok(())
     }
 
-    /// Sends queued notices: one NOTIFY per node, only to nodes with a recipient connected, none when this node is
-    /// alone.
-    async fn flush(&self, conn: &mut AsyncPgConnection, items: Items) -> Result<(), BusError> {
+    /// Sends queued notices: one NOTIFY per node, only to nodes with a
+    /// recipient connected. The header is when the oldest was published,
+    /// so the receiver's latency counts the wait here too.
+    async fn flush(
+        &self,
+        conn: &mut AsyncPgConnection,
+        since: i64,
+        items: &Items,
+    ) -> Result<(), BusError> {
         let cluster = &self.shared.metrics.cluster;
-        if self.shared.cluster.live_nodes() <= 1 {
-            return Ok(());
-        }
         let asked = items.len();
         let mut seen = HashSet::with_capacity(asked);
         let items: Vec<(queries::Route, String)> = items
-            .into_iter()
-            .filter(|i| seen.insert(*i))
-            .map(|(route, notice)| (route, notice.encode()))
+            .iter()
+            .filter(|i| seen.insert(**i))
+            .map(|(route, notice)| (*route, notice.encode()))
             .collect();
-        let header = format!("t{}", chrono::Utc::now().timestamp_micros());
+        let header = format!("t{since}");
         let sent = timed(queries::notify_nodes(
             conn,
             Some(self.me()),
@@ -347,6 +397,10 @@ impl Link {
                 Notice::Reclaimed(m, d) => peers.reclaimed.push((m, d)),
                 Notice::Event(e, p) => events.push((e, p)),
                 Notice::Close(why, p) => peers.closes.push((why, p)),
+                Notice::NodeJoined => {
+                    let view = &self.shared.cluster;
+                    view.set(view.is_leader(), view.live_nodes().max(2));
+                }
             }
         }
         if !events.is_empty() {

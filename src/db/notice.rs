@@ -53,6 +53,9 @@ pub enum Notice {
     Event(Event, PresenceId),
     /// Close this connection.
     Close(CloseFor, PresenceId),
+    /// A node joined the cluster (sent by it as it registers): there is
+    /// someone to tell now, before the next heartbeat says so.
+    NodeJoined,
 }
 
 impl Notice {
@@ -71,6 +74,7 @@ impl Notice {
                 },
                 p.0,
             ),
+            Notice::NodeJoined => return "n".to_owned(),
             Notice::Close(c, p) => (
                 match c {
                     CloseFor::Kicked => 'k',
@@ -104,6 +108,7 @@ impl Notice {
             'k' => Notice::Close(CloseFor::Kicked, PresenceId(id()?)),
             'd' => Notice::Close(CloseFor::Disconnected, PresenceId(id()?)),
             'r' => Notice::Close(CloseFor::Replaced, PresenceId(id()?)),
+            'n' if rest.is_empty() => Notice::NodeJoined,
             _ => return None,
         })
     }
@@ -142,6 +147,7 @@ mod tests {
             Notice::Close(CloseFor::Kicked, PresenceId(id)),
             Notice::Close(CloseFor::Disconnected, PresenceId(id)),
             Notice::Close(CloseFor::Replaced, PresenceId(id)),
+            Notice::NodeJoined,
         ];
         let payload = std::iter::once("t1700000000000000".to_owned())
             .chain(all.iter().map(Notice::encode))

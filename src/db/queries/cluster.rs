@@ -24,12 +24,17 @@ pub struct NodeInfo {
 }
 
 /// Adds this node to the cluster, alive (again, after it was declared
-/// dead and closed its sockets).
+/// dead and closed its sockets), and tells the live nodes at once (they
+/// send notices only while they know of another node).
 pub async fn register_node(conn: &mut Conn, node: &NodeInfo) -> QueryResult<()> {
     diesel::sql_query(
-        "INSERT INTO mesh.node (id, listen, hostname, pid, version) VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (id) DO UPDATE
-            SET dead_at = NULL, heartbeat_at = now(), started_at = now()",
+        "WITH me AS (
+            INSERT INTO mesh.node (id, listen, hostname, pid, version) VALUES ($1, $2, $3, $4, $5)
+            ON CONFLICT (id) DO UPDATE
+               SET dead_at = NULL, heartbeat_at = now(), started_at = now()
+            RETURNING id)
+         SELECT pg_notify(mesh.node_channel(n.id), 'n')::text
+           FROM mesh.node n, me WHERE n.dead_at IS NULL AND n.id <> me.id",
     )
     .bind::<SqlUuid, _>(node.id)
     .bind::<Text, _>(&node.listen)
