@@ -82,6 +82,11 @@ pub struct BenchArgs {
     /// traffic crosses nodes.
     #[arg(long, default_value_t = 1, conflicts_with = "url")]
     pub brokers: usize,
+    /// With several brokers: send to peers on the sender's own broker, so
+    /// nothing crosses nodes (the control for a cross-node run: the same
+    /// processes on the same machine).
+    #[arg(long)]
+    pub same_node: bool,
     /// A running broker's WebSocket URL (ws://host:port/ws) instead of a
     /// broker of our own; needs --provision. Repeat it for brokers of one
     /// cluster: peer i connects to the (i % N)-th.
@@ -141,6 +146,13 @@ impl BenchArgs {
     }
 
     pub(super) fn check(&self) -> anyhow::Result<()> {
+        if self.same_node && self.peers < 2 * self.broker_count() {
+            bail!(
+                "--same-node needs at least 2 peers per broker ({} peers, {} brokers)",
+                self.peers,
+                self.broker_count()
+            );
+        }
         if self.brokers == 0 {
             bail!("--brokers must be at least 1");
         }

@@ -142,6 +142,8 @@ struct Plan {
     others: Option<Rc<Vec<String>>>,
     /// Brokers the peers are spread over ([`broker_of`]).
     brokers: usize,
+    /// Recipients on the sender's own broker (`--same-node`).
+    same_node: bool,
     seed: u64,
     size: usize,
 }
@@ -164,10 +166,25 @@ pub fn placed(n: usize, brokers: usize) -> Vec<usize> {
 /// one broker; with several, a peer on another broker than `me`'s. There
 /// is one for every `me` once `n >= 2`: peer 1 is on another broker than
 /// peer 0, and every other peer is on another broker than 0 or than 1.
-fn pick_recipient(rng: &mut impl rand::Rng, me: usize, n: usize, brokers: usize) -> usize {
+/// With `same_node`, another peer on `me`'s broker instead (the control
+/// run: the same processes, nothing crossing; needs 2 peers per broker).
+fn pick_recipient(
+    rng: &mut impl rand::Rng,
+    me: usize,
+    n: usize,
+    brokers: usize,
+    same_node: bool,
+) -> usize {
     if brokers <= 1 {
         let i = rng.gen_range(0..n - 1);
         return if i >= me { i + 1 } else { i };
+    }
+    if same_node {
+        // The peers of `me`'s broker are me % brokers + k × brokers.
+        let mine = placed(n, brokers)[broker_of(me, brokers)];
+        let k = rng.gen_range(0..mine - 1);
+        let k = if k >= me / brokers { k + 1 } else { k };
+        return broker_of(me, brokers) + k * brokers;
     }
     // Rejection: a broker holds at most ceil(n / brokers) peers, so at
     // least a third of them (3 peers on 2 brokers) are elsewhere: three
@@ -280,6 +297,7 @@ pub async fn traffic(
                 pacing,
                 others,
                 brokers: ws.len(),
+                same_node: args.same_node,
                 seed: seed.wrapping_add(me as u64),
                 size: args.size,
             }
@@ -421,7 +439,9 @@ async fn run_peer(mut conn: Connection, plan: Plan, sh: Rc<Shared>) {
             let t = micros_between(sh.base, now) as u64;
             let target = match &plan.others {
                 Some(others) => {
-                    others[pick_recipient(&mut rng, plan.me, others.len(), plan.brokers)].as_str()
+                    let n = others.len();
+                    others[pick_recipient(&mut rng, plan.me, n, plan.brokers, plan.same_node)]
+                        .as_str()
                 }
                 None => "*",
             };
@@ -731,13 +751,30 @@ mod tests {
     }
 
     #[test]
+    fn same_node_recipients_stay_on_the_senders_broker_and_all_are_chosen() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for (n, brokers) in [(4, 2), (5, 2), (9, 3), (100, 2)] {
+            for me in 0..n {
+                let mut chosen = std::collections::HashSet::new();
+                for _ in 0..2000 {
+                    let j = pick_recipient(&mut rng, me, n, brokers, true);
+                    assert!(j < n && j != me, "n={n} brokers={brokers} me={me} j={j}");
+                    assert_eq!(broker_of(j, brokers), broker_of(me, brokers));
+                    chosen.insert(j);
+                }
+                assert_eq!(chosen.len(), placed(n, brokers)[broker_of(me, brokers)] - 1);
+            }
+        }
+    }
+
+    #[test]
     fn recipients_are_on_another_broker_and_all_of_them_are_chosen() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         for (n, brokers) in [(2, 2), (5, 2), (7, 3), (4, 4), (6, 1)] {
             for me in 0..n {
                 let mut chosen = vec![false; n];
                 for _ in 0..500 {
-                    let j = pick_recipient(&mut rng, me, n, brokers);
+                    let j = pick_recipient(&mut rng, me, n, brokers, false);
                     assert_ne!(j, me, "n={n} brokers={brokers}");
                     if brokers > 1 {
                         assert_ne!(

@@ -97,24 +97,7 @@ async fn against_a_running_broker_with_a_provision_file() {
     let env = TestEnv::without_broker().await;
     let p = BrokerProcess::spawn(&env.db_url).await;
     let mesh = env.mesh_id.to_string();
-    let mut file = String::new();
-    for name in ["p1", "p2", "p3"] {
-        let out = run_cli(
-            &p.config_path,
-            &["member", "add", "--mesh", &mesh, "--name", name, "--json"],
-        )
-        .await;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        file.push_str(&String::from_utf8_lossy(&out.stdout));
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("members.jsonl");
-    std::fs::write(&path, file).unwrap();
-    let path = path.display().to_string();
+    let (_dir, path) = provision_file(&p.config_path, &mesh, &["p1", "p2", "p3"]).await;
     let r = bench(&[
         "--url",
         &p.ws_url,
@@ -225,24 +208,7 @@ async fn against_two_running_brokers_with_one_provision_file() {
         BrokerProcess::spawn(&env.db_url).await,
     );
     let mesh = env.mesh_id.to_string();
-    let mut file = String::new();
-    for name in ["p1", "p2", "p3", "p4"] {
-        let out = run_cli(
-            &a.config_path,
-            &["member", "add", "--mesh", &mesh, "--name", name, "--json"],
-        )
-        .await;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        file.push_str(&String::from_utf8_lossy(&out.stdout));
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("members.jsonl");
-    std::fs::write(&path, file).unwrap();
-    let path = path.display().to_string();
+    let (_dir, path) = provision_file(&a.config_path, &mesh, &["p1", "p2", "p3", "p4"]).await;
     let r = bench(&[
         "--url",
         &a.ws_url,
@@ -269,4 +235,33 @@ async fn against_two_running_brokers_with_one_provision_file() {
     assert_eq!(n(&r, "accepted"), 20, "{r}");
     assert_eq!(n(&r, "acked"), 20, "{r}");
     assert_eq!(n(&r, "lost"), 0, "{r}");
+}
+
+/// Members `names` of `mesh`, added with `meshbroker member add --json`
+/// and written to a provision file for `bench --url`; returns the file's
+/// directory (kept while it lives) and path.
+async fn provision_file(
+    config: &std::path::Path,
+    mesh: &str,
+    names: &[&str],
+) -> (tempfile::TempDir, String) {
+    let mut file = String::new();
+    for name in names {
+        let out = run_cli(
+            config,
+            &["member", "add", "--mesh", mesh, "--name", name, "--json"],
+        )
+        .await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        file.push_str(&String::from_utf8_lossy(&out.stdout));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("members.jsonl");
+    std::fs::write(&path, file).unwrap();
+    let path = path.display().to_string();
+    (dir, path)
 }
