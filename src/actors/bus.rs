@@ -394,7 +394,7 @@ impl Link {
             match notice {
                 Notice::Wake(m) => peers.wakes.push(m),
                 Notice::Status(p) => peers.statuses.push(p),
-                Notice::Reclaimed(m, d) => peers.reclaimed.push((m, d)),
+                Notice::Reclaimed(m, d, until) => peers.reclaimed.push((m, d, until)),
                 Notice::Event(e, p) => events.push((e, p)),
                 Notice::Close(why, p) => peers.closes.push((why, p)),
                 Notice::NodeJoined => {

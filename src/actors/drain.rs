@@ -479,16 +479,28 @@ impl Handler<Wake> for Drain {
     }
 }
 
-/// The sweeper cleared these deliveries' leases (or dead-lettered them).
+/// The sweeper cleared these deliveries' leases, each with when the
+/// cleared lease ran out (`None`: dead-lettered).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Reclaimed(pub Vec<DeliveryId>);
+pub struct Reclaimed(pub Vec<(DeliveryId, Option<DateTime<Utc>>)>);
 
 impl Handler<Reclaimed> for Drain {
     type Result = ();
     fn handle(&mut self, msg: Reclaimed, ctx: &mut Self::Context) {
         self.count();
-        self.forget(&msg.0);
+        // A delivery claimed again since holds a newer lease: forgetting
+        // it would free room it still takes (and let the connection hold
+        // more than max_in_flight).
+        for c in self.conns.values_mut() {
+            for (id, until) in &msg.0 {
+                if let Some(held) = c.in_flight.get(id) {
+                    if until.is_none_or(|until| *held <= until) {
+                        c.in_flight.remove(id);
+                    }
+                }
+            }
+        }
         self.drain(ctx);
     }
 }

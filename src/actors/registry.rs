@@ -578,31 +578,40 @@ impl Handler<Reclaimed> for Registry {
 
     fn handle(&mut self, msg: Reclaimed, _: &mut Self::Context) {
         self.count();
-        let rows: Vec<(MemberId, DeliveryId)> = msg
+        let rows: Vec<Lease> = msg
             .0
             .into_iter()
-            .map(|row| (MemberId(row.recipient_member_id), row.id))
+            .map(|row| {
+                let until = row.lease_until.map(|t| t.timestamp_micros());
+                (MemberId(row.recipient_member_id), row.id, until)
+            })
             .collect();
         self.publish(
             rows.iter()
-                .map(|&(m, id)| (Route::Member(m.0), Notice::Reclaimed(m, id)))
+                .map(|&(m, id, until)| (Route::Member(m.0), Notice::Reclaimed(m, id, until)))
                 .collect(),
         );
         self.reclaimed_here(rows);
     }
 }
 
+/// A lease the sweeper cleared: whose, which delivery, and when it ran
+/// out (unix µs; `None`: dead-lettered).
+pub type Lease = (MemberId, DeliveryId, Option<i64>);
+
 impl Registry {
     /// Tells the local drains of these members which of their leases the
     /// sweeper cleared.
-    fn reclaimed_here(&self, rows: Vec<(MemberId, DeliveryId)>) {
-        let mut by_member: HashMap<MemberId, Vec<DeliveryId>> = HashMap::new();
-        for (member, id) in rows {
-            by_member.entry(member).or_default().push(id);
+    fn reclaimed_here(&self, rows: Vec<Lease>) {
+        type Cleared = Vec<(DeliveryId, Option<chrono::DateTime<chrono::Utc>>)>;
+        let mut by_member: HashMap<MemberId, Cleared> = HashMap::new();
+        for (member, id, until) in rows {
+            let until = until.and_then(chrono::DateTime::from_timestamp_micros);
+            by_member.entry(member).or_default().push((id, until));
         }
-        for (member, ids) in by_member {
+        for (member, cleared) in by_member {
             if let Some(drain) = self.drains.get(&member) {
-                drain.do_send(drain::Reclaimed(ids));
+                drain.do_send(drain::Reclaimed(cleared));
             }
         }
     }
@@ -861,7 +870,7 @@ pub struct FromPeers {
     pub wake_all: bool,
     pub wakes: Vec<MemberId>,
     pub statuses: Vec<PresenceId>,
-    pub reclaimed: Vec<(MemberId, DeliveryId)>,
+    pub reclaimed: Vec<Lease>,
     pub events: Vec<(Event, queries::Subject)>,
     pub closes: Vec<(CloseFor, PresenceId)>,
 }

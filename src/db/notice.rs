@@ -47,8 +47,9 @@ pub enum Notice {
     Wake(MemberId),
     /// This connection's status changed: wake its drain.
     Status(PresenceId),
-    /// The sweeper cleared this delivery's lease (or dead-lettered it).
-    Reclaimed(MemberId, DeliveryId),
+    /// The sweeper cleared this delivery's lease, which ran out at this
+    /// unix µs (`None`: dead-lettered it).
+    Reclaimed(MemberId, DeliveryId, Option<i64>),
     /// Tell the mesh's other members about this connection.
     Event(Event, PresenceId),
     /// Close this connection.
@@ -64,7 +65,12 @@ impl Notice {
         let (letter, id) = match *self {
             Notice::Wake(m) => ('w', m.0),
             Notice::Status(p) => ('s', p.0),
-            Notice::Reclaimed(m, d) => return format!("x{}:{d}", m.0.simple()),
+            Notice::Reclaimed(m, d, until) => {
+                return match until {
+                    Some(t) => format!("x{}:{d}:{t}", m.0.simple()),
+                    None => format!("x{}:{d}", m.0.simple()),
+                }
+            }
             Notice::Event(e, p) => (
                 match e {
                     Event::Joined => 'j',
@@ -98,8 +104,14 @@ impl Notice {
             'w' => Notice::Wake(MemberId(id()?)),
             's' => Notice::Status(PresenceId(id()?)),
             'x' => {
-                let (m, d) = rest.split_once(':')?;
-                Notice::Reclaimed(MemberId(Uuid::parse_str(m).ok()?), d.parse().ok()?)
+                let mut parts = rest.split(':');
+                let m = MemberId(Uuid::parse_str(parts.next()?).ok()?);
+                let d = parts.next()?.parse().ok()?;
+                let until = match parts.next() {
+                    Some(t) => Some(t.parse().ok()?),
+                    None => None,
+                };
+                Notice::Reclaimed(m, d, until)
             }
             'j' => Notice::Event(Event::Joined, PresenceId(id()?)),
             'l' => Notice::Event(Event::Left, PresenceId(id()?)),
@@ -139,7 +151,8 @@ mod tests {
         let all = [
             Notice::Wake(MemberId(id)),
             Notice::Status(PresenceId(id)),
-            Notice::Reclaimed(MemberId(id), 42),
+            Notice::Reclaimed(MemberId(id), 42, None),
+            Notice::Reclaimed(MemberId(id), 43, Some(1_700_000_000_123_456)),
             Notice::Event(Event::Joined, PresenceId(id)),
             Notice::Event(Event::Left, PresenceId(id)),
             Notice::Event(Event::Visible, PresenceId(id)),

@@ -2,8 +2,9 @@
 //! stale presence, old hellos, idempotency windows, revocations, and the
 //! queue depth `/metrics` reads.
 
+use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{Double, Int4, Int8, Text, Uuid as SqlUuid};
+use diesel::sql_types::{Double, Int4, Int8, Nullable, Text, Timestamptz, Uuid as SqlUuid};
 use diesel_async::RunQueryDsl;
 use uuid::Uuid;
 
@@ -19,6 +20,11 @@ pub struct Swept {
     pub id: i64,
     #[diesel(sql_type = SqlUuid)]
     pub recipient_member_id: Uuid,
+    /// When the cleared lease ran out (`None`: dead-lettered). A drain
+    /// forgets the delivery only if what it holds is that lease or an
+    /// older one: it may have claimed the delivery again since.
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub lease_until: Option<DateTime<Utc>>,
 }
 
 /// Dead-letters deliveries that used up their attempts and are not under a
@@ -36,7 +42,7 @@ pub async fn dead_letter(
                  WHERE delivered_at IS NULL AND dead_at IS NULL AND attempts >= $1
                    AND (claim_expires_at IS NULL OR claim_expires_at <= now())
                  LIMIT $2 FOR UPDATE SKIP LOCKED)
-         RETURNING q.id, q.recipient_member_id"
+         RETURNING q.id, q.recipient_member_id, NULL::timestamptz AS lease_until"
     ))
     .bind::<Int4, _>(max_attempts)
     .bind::<Int8, _>(batch)
@@ -49,14 +55,14 @@ pub async fn dead_letter(
 pub async fn expire_leases(conn: &mut Conn, batch: i64) -> QueryResult<Vec<Swept>> {
     diesel::sql_query(format!(
         "WITH expired AS (
-            SELECT id FROM mesh.message_queue
+            SELECT id, claim_expires_at FROM mesh.message_queue
              WHERE claim_expires_at <= now() AND delivered_at IS NULL AND dead_at IS NULL
              LIMIT $1 FOR UPDATE SKIP LOCKED)
          UPDATE mesh.message_queue q
             SET {CLAIM_RESET}
            FROM expired
           WHERE q.id = expired.id
-         RETURNING q.id, q.recipient_member_id"
+         RETURNING q.id, q.recipient_member_id, expired.claim_expires_at AS lease_until"
     ))
     .bind::<Int8, _>(batch)
     .load(conn)
