@@ -339,6 +339,29 @@ impl SteadyTraffic {
         }
     }
 
+    /// Starts PostgreSQL again and waits for the first send made after
+    /// `outage_end` to be accepted; returns when PostgreSQL was started and
+    /// how long after that the send was answered.
+    async fn across_restart(
+        &self,
+        cluster: &mut OwnCluster,
+        log: &Rc<RefCell<Vec<Sent>>>,
+        outage_end: Instant,
+    ) -> (Instant, Duration) {
+        cluster.restart().await;
+        let started = Instant::now();
+        let first = self
+            .first_queued(
+                log,
+                outage_end,
+                started,
+                "after PostgreSQL came back",
+                String::new,
+            )
+            .await;
+        (started, first)
+    }
+
     /// Lets traffic run 2 s more, stops the sender, waits (up to
     /// [`RECOVER`] after `since`) until the receiver acked everything
     /// accepted, checks the database agrees, and stops the receiver; both
@@ -573,20 +596,9 @@ async fn postgres_outage_refuses_sends_and_recovers_without_restart() {
     let (ready_last, status) = timed(ready_status(&p.http_url)).await;
     assert_eq!(status, Some(503), "/health/ready at the end of the outage");
     let outage_end = Instant::now();
-    cluster.restart().await;
-    let started = Instant::now();
-
     // Traffic resumes by itself: the first `queued:true` for a send made
     // after the restart.
-    let first_queued = traffic
-        .first_queued(
-            &log,
-            outage_end,
-            started,
-            "after PostgreSQL came back",
-            String::new,
-        )
-        .await;
+    let (started, first_queued) = traffic.across_restart(&mut cluster, &log, outage_end).await;
     assert_eq!(
         ready_status(&p.http_url).await,
         Some(200),
@@ -720,17 +732,9 @@ async fn postgres_restart_under_cross_node_traffic_loses_nothing() {
     // Longer than cluster.dead_after: every heartbeat is stale on return.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let outage_end = Instant::now();
-    cluster.restart().await;
-    let started = Instant::now();
-    let first_queued = traffic
-        .first_queued(
-            &log,
-            outage_end,
-            started,
-            "after PostgreSQL came back",
-            String::new,
-        )
-        .await;
+    // Traffic resumes by itself: the first `queued:true` for a send made
+    // after the restart.
+    let (started, first_queued) = traffic.across_restart(&mut cluster, &log, outage_end).await;
     let all_acked = traffic.wind_down(started, &mesh.pool, TEST).await;
     for p in [&p0, &p1] {
         assert_eq!(
