@@ -42,14 +42,21 @@ pub(super) struct ClientFlags {
     mesh: String,
     #[arg(long, value_name = "MEMBER_ID")]
     member_id: String,
-    /// The member's secret key, 64 or 128 hex chars.
+    /// The member's secret key, 64 or 128 hex chars. Better kept off the
+    /// command line (other users see it in `ps`): use the environment
+    /// variable or --secret-key-file.
     #[arg(
         long,
         value_name = "HEX",
         env = "MESHBROKER_SECRET_KEY",
-        hide_env_values = true
+        hide_env_values = true,
+        required_unless_present = "secret_key_file"
     )]
-    secret_key: String,
+    secret_key: Option<String>,
+    /// A file holding the member's secret key (surrounding whitespace is
+    /// ignored), e.g. one only its owner may read.
+    #[arg(long, value_name = "PATH", conflicts_with = "secret_key")]
+    secret_key_file: Option<std::path::PathBuf>,
     /// Broker WebSocket URL [default: ws://<server.listen>/ws]
     #[arg(long)]
     url: Option<String>,
@@ -91,7 +98,7 @@ struct ClientArgs {
 pub(super) async fn client_command(config: &Config, cmd: ClientCommand) -> anyhow::Result<()> {
     match cmd {
         ClientCommand::Listen(flags) => {
-            let args = client_args(config, flags);
+            let args = client_args(config, flags)?;
             listen(&args).await
         }
         ClientCommand::Send {
@@ -101,7 +108,7 @@ pub(super) async fn client_command(config: &Config, cmd: ClientCommand) -> anyho
             priority,
             client_message_id,
         } => {
-            let args = client_args(config, flags);
+            let args = client_args(config, flags)?;
             send(
                 &args,
                 &to,
@@ -114,16 +121,24 @@ pub(super) async fn client_command(config: &Config, cmd: ClientCommand) -> anyho
     }
 }
 
-fn client_args(config: &Config, flags: ClientFlags) -> ClientArgs {
-    ClientArgs {
+fn client_args(config: &Config, flags: ClientFlags) -> anyhow::Result<ClientArgs> {
+    let secret_key = match (flags.secret_key, &flags.secret_key_file) {
+        (Some(key), _) => key,
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read --secret-key-file {}: {e}", path.display()))?
+            .trim()
+            .to_owned(),
+        (None, None) => anyhow::bail!("give --secret-key-file, or MESHBROKER_SECRET_KEY"),
+    };
+    Ok(ClientArgs {
         url: flags
             .url
             .unwrap_or_else(|| default_ws_url(config.server.listen)),
         mesh_id: flags.mesh,
         member_id: flags.member_id,
-        secret_key: flags.secret_key,
+        secret_key,
         session: flags.session,
-    }
+    })
 }
 
 /// `ws://<server.listen>/ws`, with a wildcard listen address replaced by

@@ -38,6 +38,11 @@ struct Cli {
     /// Configuration file [default: config/meshbroker.toml; missing means defaults]
     #[arg(long, global = true, value_name = "PATH", env = "MESHBROKER_CONFIG")]
     config: Option<PathBuf>,
+    /// Admin and client commands log warnings and errors only, so that
+    /// their output is only the result: -v logs as `log.level` says,
+    /// -vv at debug.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -207,9 +212,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         print!("{}", config.to_redacted_toml());
         return Ok(());
     }
-    if let Command::Bench(_) = cli.command {
-        // Its report and progress line own the terminal; only trouble is logged.
-        config.log.level = "warn".into();
+    // Only `serve` is a service whose log is its output; every other
+    // command prints a result (a script reads it), and the bench's report
+    // and progress line own the terminal: they log only trouble unless
+    // asked.
+    if !matches!(cli.command, Command::Serve) {
+        match cli.verbose {
+            0 => config.log.level = "warn".into(),
+            1 => {}
+            _ => config.log.level = "debug".into(),
+        }
     }
     init_logging(&config);
     actix_web::rt::System::new().block_on(async move {

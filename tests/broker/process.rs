@@ -238,3 +238,116 @@ async fn a_killed_broker_leaves_unacked_deliveries_to_the_next() {
     assert_no_push(&mut bc, "bob after the takeover").await;
     next.shutdown().await;
 }
+
+/// Admin commands print only their result: with `log.level = "info"` and
+/// an embedded cluster to adopt (whose adoption `serve` logs at INFO),
+/// `mesh create --json` and `member add --json` write their JSON and
+/// nothing else; `-v` brings the log back. The member's secret key then
+/// reaches `client send` through a file instead of the command line.
+#[actix_web::test]
+async fn admin_commands_are_quiet_and_the_client_reads_its_key_from_a_file() {
+    let dir = cluster_tempdir("mb-quiet-");
+    let data_dir = dir.path().join("d");
+    let p =
+        BrokerProcess::spawn_embedded(&data_dir, ProcessConfig::new().set("log.level", "\"info\""))
+            .await;
+    let out = run_cli(
+        &p.config_path,
+        &["mesh", "create", "--name", "quiet", "--json"],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "",
+        "no log lines without -v"
+    );
+    let mesh: serde_json::Value = serde_json::from_slice(&out.stdout).expect("only JSON on stdout");
+    let mesh = mesh["id"].as_str().expect("mesh id").to_owned();
+
+    let loud = run_cli(&p.config_path, &["-v", "mesh", "create", "--name", "loud"]).await;
+    assert!(loud.status.success());
+    assert!(
+        String::from_utf8_lossy(&loud.stderr).contains("adopted running cluster"),
+        "-v logs as log.level says: {}",
+        String::from_utf8_lossy(&loud.stderr)
+    );
+
+    let out = run_cli(
+        &p.config_path,
+        &[
+            "member",
+            "add",
+            "--mesh",
+            &mesh,
+            "--name",
+            "keyholder",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    let member: serde_json::Value = serde_json::from_slice(&out.stdout).expect("only JSON");
+    let key_file = dir.path().join("key");
+    std::fs::write(
+        &key_file,
+        format!("{}\n", member["secret_key"].as_str().unwrap()),
+    )
+    .unwrap();
+    let key_path = key_file.display().to_string();
+    let member_id = member["id"].as_str().unwrap().to_owned();
+    let send = |file: String| {
+        let (config, url, mesh, member_id) = (
+            p.config_path.clone(),
+            p.ws_url.clone(),
+            mesh.clone(),
+            member_id.clone(),
+        );
+        async move {
+            run_cli(
+                &config,
+                &[
+                    "client",
+                    "send",
+                    "--url",
+                    &url,
+                    "--mesh",
+                    &mesh,
+                    "--member-id",
+                    &member_id,
+                    "--secret-key-file",
+                    &file,
+                    "--to",
+                    "*",
+                    "--text",
+                    "from a key file",
+                ],
+            )
+            .await
+        }
+    };
+    let out = send(key_path).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ack: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the ack");
+    assert_eq!(ack["queued"], true, "{ack}");
+    let out = send(dir.path().join("missing").display().to_string()).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot read --secret-key-file"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
