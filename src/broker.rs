@@ -206,7 +206,10 @@ impl Broker {
         }
         if let Ok(mut conn) = self.shared.pool.get().await {
             let _ = queries::release_node_claims(&mut conn, self.shared.node_id).await;
-            // Leaving: the next oldest node leads from its next heartbeat.
+            // Leaving: the next oldest node leads from its next heartbeat
+            // (and this one's bus must not take it for a fence and join
+            // again).
+            self.shared.cluster.leave();
             let _ = queries::leave(&mut conn, self.shared.node_id.0).await;
         }
         self.server.stop(true).await;

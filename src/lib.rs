@@ -94,3 +94,4 @@ pub mod ids;
 pub mod metrics;
 pub mod protocol;
 pub mod routing;
+pub mod status;

@@ -56,7 +56,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("metrics", &["metrics"]),
     // Work on one database connection, without actors: the hello checks, and
     // the operator's mesh/member and dead-letter commands.
-    ("db users", &["handshake", "admin", "dead_letters"]),
+    (
+        "db users",
+        &["handshake", "admin", "dead_letters", "status"],
+    ),
     // Pure routing decisions: the actors gather the facts and ask.
     ("routing", &["routing"]),
     // `actors` itself holds what every actor shares (`Shared`, the rate

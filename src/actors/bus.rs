@@ -294,7 +294,15 @@ impl Link {
         healthy_since: &mut Option<Instant>,
     ) -> Result<(), BusError> {
         let me = self.me();
+        if self.shared.cluster.is_leaving() {
+            // Shutdown marked this node gone; it only winds down now.
+            return Ok(());
+        }
         let beat = timed(queries::heartbeat(conn, me)).await?;
+        if !beat.alive && self.shared.cluster.is_leaving() {
+            // The shutdown's own mark, seen by a heartbeat already on its way.
+            return Ok(());
+        }
         if !beat.alive {
             Metrics::add(&self.shared.metrics.cluster.fenced, 1);
             tracing::error!(

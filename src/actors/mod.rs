@@ -58,6 +58,8 @@ pub struct Shared {
 pub struct ClusterView {
     leader: AtomicBool,
     live_nodes: AtomicI64,
+    /// Shutdown marked this node gone: its heartbeat must not join again.
+    leaving: AtomicBool,
 }
 
 impl ClusterView {
@@ -70,6 +72,15 @@ impl ClusterView {
     /// Live nodes, this one included (0 before the first heartbeat).
     pub fn live_nodes(&self) -> i64 {
         self.live_nodes.load(Relaxed)
+    }
+
+    pub fn leave(&self) {
+        self.leaving.store(true, Relaxed);
+        self.leader.store(false, Relaxed);
+    }
+
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Relaxed)
     }
 
     pub fn set(&self, leader: bool, live_nodes: i64) {

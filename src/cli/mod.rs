@@ -62,6 +62,12 @@ enum Command {
     /// Inspect, requeue or purge deliveries dead-lettered after max_attempts.
     #[command(subcommand)]
     DeadLetters(DeadLetterCommand),
+    /// The cluster as the database shows it (no broker needed): nodes,
+    /// connections by mesh and role, the queue, dead letters.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the effective configuration (secrets redacted).
     PrintConfig,
     /// Talk to a running broker as a member.
@@ -231,6 +237,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Mesh(cmd) => mesh_command(&config, cmd).await,
             Command::Member(cmd) => member_command(&config, cmd).await,
             Command::DeadLetters(cmd) => dead_letter_command(&config, cmd).await,
+            Command::Status { json } => {
+                let (mut conn, _embedded) = admin_connection(&config).await?;
+                let status = crate::status::read(&mut conn).await?;
+                if json {
+                    print_json(&status)
+                } else {
+                    println!("{status}");
+                    Ok(())
+                }
+            }
             Command::Client(cmd) => client_cmd::client_command(&config, cmd).await,
             Command::Bench(args) => crate::bench::run(args).await,
             Command::PrintConfig => unreachable!("handled above"),

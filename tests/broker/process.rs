@@ -351,3 +351,59 @@ async fn admin_commands_are_quiet_and_the_client_reads_its_key_from_a_file() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `meshbroker status` reads the cluster from the database: the running
+/// node, a live connection by mesh and role, a queued delivery; and after
+/// the broker stopped, with no broker at all, the node shown dead.
+#[actix_web::test]
+async fn status_reads_the_cluster_from_the_database_with_or_without_a_broker() {
+    let env = TestEnv::without_broker().await;
+    let a = env.member("alice").await;
+    let b = env.member("bob").await;
+    let mut p = BrokerProcess::spawn(&env.db_url).await;
+    let (mut ac, _) = meshbroker::client::hello(&p.ws_url, &a.creds, &Default::default())
+        .await
+        .expect("hello");
+    let ack = ac
+        .send_message(&b.pubkey(), "waits for bob", "now", None)
+        .await
+        .must();
+    assert_eq!(ack["queued"], true, "{ack}");
+    let status = |config: std::path::PathBuf| async move {
+        let out = run_cli(&config, &["status", "--json"]).await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("status --json")
+    };
+    let s = status(p.config_path.clone()).await;
+    let nodes = s["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 1, "{s}");
+    assert_eq!(
+        (nodes[0]["alive"].as_bool(), nodes[0]["leader"].as_bool()),
+        (Some(true), Some(true)),
+        "{s}"
+    );
+    assert_eq!(s["connections"][0]["role"], "control-plane", "{s}");
+    assert_eq!(s["connections"][0]["connections"], 1, "{s}");
+    assert_eq!(s["queue"]["pending"], 1, "{s}");
+    assert!(s["queue"]["oldest_undelivered_s"].as_f64().is_some(), "{s}");
+
+    p.sigterm();
+    p.wait_exit(Duration::from_secs(15)).await;
+    let s = status(p.config_path.clone()).await;
+    assert_eq!(
+        s["nodes"][0]["alive"], false,
+        "a node that left is shown dead: {s}"
+    );
+    assert_eq!(s["connections"].as_array().map(Vec::len), Some(0), "{s}");
+    assert_eq!(s["queue"]["pending"], 1, "the queue is still there: {s}");
+    let text = run_cli(&p.config_path, &["status"]).await;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("nodes         0 live, 1 dead") && text.contains("1 pending"),
+        "{text}"
+    );
+}
