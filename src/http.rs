@@ -142,13 +142,18 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     // A cluster-wide gauge, reported by one node: the leader (or a node
     // alone, before its first heartbeat).
     let cluster = &shared.cluster;
-    let queue = if cluster.is_leader() || cluster.live_nodes() <= 1 {
+    let (queue, backlog) = if cluster.is_leader() || cluster.live_nodes() <= 1 {
         match shared.pool.get().await {
-            Ok(mut conn) => queries::queue_depth(&mut conn).await.ok(),
-            Err(_) => None,
+            Ok(mut conn) => (
+                queries::queue_depth(&mut conn).await.ok(),
+                queries::mesh_backlog(&mut conn, crate::metrics::BACKLOG_MESHES)
+                    .await
+                    .ok(),
+            ),
+            Err(_) => (None, None),
         }
     } else {
-        None
+        (None, None)
     };
     let s = shared.pool.state();
     let pool = PoolState {
@@ -159,6 +164,9 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(
             shared.metrics.render(queue, pool)
+                + &backlog
+                    .map(|rows| crate::metrics::Metrics::render_backlog(&rows))
+                    .unwrap_or_default()
                 + &shared.metrics.render_cluster(
                     &shared.node_id.to_string(),
                     cluster.live_nodes(),

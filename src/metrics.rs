@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
-use crate::db::queries::QueueDepth;
+use crate::db::queries::{MeshBacklog, QueueDepth};
 use crate::error_code::ErrorCode;
 use crate::ids::Role;
 
@@ -603,7 +603,41 @@ impl Metrics {
     }
 }
 
+/// Meshes `/metrics` shows the backlog gauges of at most (the oldest first).
+pub const BACKLOG_MESHES: i64 = 50;
+
 impl Metrics {
+    /// The per-mesh gauges an alert needs (read by the leader at scrape
+    /// time, at most [`BACKLOG_MESHES`] meshes).
+    pub fn render_backlog(rows: &[MeshBacklog]) -> String {
+        let mut out = String::with_capacity(256 + rows.len() * 120);
+        let _ = writeln!(
+            out,
+            "# HELP meshbroker_queue_oldest_undelivered_seconds Age of the oldest delivery neither delivered nor dead, by mesh (the {BACKLOG_MESHES} oldest meshes).\n# TYPE meshbroker_queue_oldest_undelivered_seconds gauge"
+        );
+        for r in rows {
+            if let Some(age) = r.oldest_undelivered_s {
+                let _ = writeln!(
+                    out,
+                    "meshbroker_queue_oldest_undelivered_seconds{{mesh=\"{}\"}} {age:.3}",
+                    r.mesh_id
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP meshbroker_dead_letters Dead-lettered deliveries waiting for an operator, by mesh (the same meshes).\n# TYPE meshbroker_dead_letters gauge"
+        );
+        for r in rows.iter().filter(|r| r.dead_letters > 0) {
+            let _ = writeln!(
+                out,
+                "meshbroker_dead_letters{{mesh=\"{}\"}} {}",
+                r.mesh_id, r.dead_letters
+            );
+        }
+        out
+    }
+
     /// The cluster's series, each labelled with this node's id.
     pub fn render_cluster(&self, node: &str, live_nodes: i64, leader: bool) -> String {
         let c = &self.cluster;

@@ -99,6 +99,33 @@ async fn metrics_series_move() {
         v == 0.0
     })
     .await;
+    // Nothing undelivered: no backlog gauge for the mesh.
+    let mesh = a.creds.mesh_id.clone();
+    let text = env.metrics().await;
+    assert_eq!(
+        metric_opt(
+            &text,
+            "meshbroker_queue_oldest_undelivered_seconds",
+            &[("mesh", &mesh)]
+        ),
+        None,
+        "{text}"
+    );
+    // A message to a member who is away ages in the mesh's gauge.
+    let c = env.member("carol").await;
+    let ack = ac
+        .send_message(&c.pubkey(), "for later", "now", None)
+        .await
+        .must();
+    assert_eq!(ack["queued"], true);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let text = env.metrics().await;
+    let age = metric(
+        &text,
+        "meshbroker_queue_oldest_undelivered_seconds",
+        &[("mesh", &mesh)],
+    );
+    assert!(age >= 0.2, "oldest undelivered {age} s:\n{text}");
 }
 
 #[actix_web::test]

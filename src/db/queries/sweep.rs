@@ -164,6 +164,36 @@ pub async fn revoked_among(
         .await
 }
 
+/// One mesh's undelivered backlog, for the alert gauges.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct MeshBacklog {
+    #[diesel(sql_type = SqlUuid)]
+    pub mesh_id: Uuid,
+    /// Age of its oldest delivery neither delivered nor dead, in seconds.
+    #[diesel(sql_type = Nullable<Double>)]
+    pub oldest_undelivered_s: Option<f64>,
+    #[diesel(sql_type = Int8)]
+    pub dead_letters: i64,
+}
+
+/// The `limit` meshes with the oldest undelivered deliveries (then the
+/// most dead letters): a bounded label set for `/metrics`.
+pub async fn mesh_backlog(conn: &mut Conn, limit: i64) -> QueryResult<Vec<MeshBacklog>> {
+    diesel::sql_query(
+        "SELECT mesh_id,
+                extract(epoch FROM now() - min(created_at) FILTER (WHERE dead_at IS NULL))::float8
+                    AS oldest_undelivered_s,
+                count(*) FILTER (WHERE dead_at IS NOT NULL) AS dead_letters
+           FROM mesh.message_queue WHERE delivered_at IS NULL
+          GROUP BY mesh_id
+          ORDER BY oldest_undelivered_s DESC NULLS LAST, dead_letters DESC, mesh_id
+          LIMIT $1",
+    )
+    .bind::<Int8, _>(limit)
+    .load(conn)
+    .await
+}
+
 /// Queue depth by state, read from the database at scrape time.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct QueueDepth {
