@@ -94,4 +94,5 @@ pub mod ids;
 pub mod metrics;
 pub mod protocol;
 pub mod routing;
+pub mod sd_notify;
 pub mod status;

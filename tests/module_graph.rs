@@ -43,6 +43,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "client_addr",
             "error_code",
             "crypto",
+            "sd_notify",
         ],
     ),
     // The protocol's other end, behind `meshbroker client` and the tests:

@@ -286,6 +286,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Installed before anything slow: SIGUSR1's default action is to kill.
     let mut drill =
         signal(SignalKind::user_defined1()).context("cannot install SIGUSR1 handler")?;
+    // SIGHUP's default action is to kill, and `systemctl reload` sends it.
+    let mut hangup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
     let (pool, mut embedded) = embedded::open(&config).await?;
     tracing::info!(listen = %config.server.listen, "meshbroker listening");
     let result = async {
@@ -295,6 +297,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             let metrics = broker.metrics().clone();
             Supervisor::start(pg, move || metrics.embedded_postgres_restarted())
         });
+        // Migrations ran and the listener is up (systemd Type=notify).
+        crate::sd_notify::notify("READY=1");
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             tokio::select! {
@@ -303,8 +307,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                     tracing::warn!("SIGUSR1: fault drill, the next sweeper pass fails");
                     broker.inject_sweeper_failure();
                 }
+                Some(()) = hangup.recv() => {
+                    tracing::warn!("SIGHUP: re-reading the configuration is not supported yet; restart the broker to apply changes");
+                }
             }
         }
+        crate::sd_notify::notify("STOPPING=1");
         broker.shutdown().await;
         if let Some(supervisor) = supervisor {
             embedded = Some(supervisor.stop().await);

@@ -57,6 +57,8 @@ pub struct BrokerProcess {
     dir: tempfile::TempDir,
     pub http_url: String,
     pub ws_url: String,
+    /// Environment variables set for this process only.
+    env: Vec<(String, std::ffi::OsString)>,
 }
 
 impl Drop for BrokerProcess {
@@ -83,7 +85,20 @@ impl BrokerProcess {
 
     /// A broker on `db_url` with `config` (listen and database.url are set here).
     pub async fn spawn_config(db_url: &str, config: ProcessConfig) -> BrokerProcess {
-        Self::spawn_toml(config.set("database.url", &format!("{db_url:?}"))).await
+        Self::spawn_toml(
+            config.set("database.url", &format!("{db_url:?}")),
+            Vec::new(),
+        )
+        .await
+    }
+
+    /// As [`Self::spawn`], with environment variables for this process only.
+    pub async fn spawn_with_env(
+        db_url: &str,
+        env: Vec<(String, std::ffi::OsString)>,
+    ) -> BrokerProcess {
+        let config = ProcessConfig::new().set("database.url", &format!("{db_url:?}"));
+        Self::spawn_toml(config, env).await
     }
 
     /// A broker without `database.url`: it starts (or adopts) the embedded
@@ -92,10 +107,17 @@ impl BrokerProcess {
         data_dir: &std::path::Path,
         config: ProcessConfig,
     ) -> BrokerProcess {
-        Self::spawn_toml(config.set("storage.data_dir", &format!("{data_dir:?}"))).await
+        Self::spawn_toml(
+            config.set("storage.data_dir", &format!("{data_dir:?}")),
+            Vec::new(),
+        )
+        .await
     }
 
-    async fn spawn_toml(config: ProcessConfig) -> BrokerProcess {
+    async fn spawn_toml(
+        config: ProcessConfig,
+        env: Vec<(String, std::ffi::OsString)>,
+    ) -> BrokerProcess {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
             l.local_addr().unwrap().port()
@@ -112,6 +134,7 @@ impl BrokerProcess {
             dir,
             http_url: format!("http://127.0.0.1:{port}"),
             ws_url: format!("ws://127.0.0.1:{port}/ws"),
+            env,
         };
         let _ = p.child.wait();
         p.start().await;
@@ -131,6 +154,7 @@ impl BrokerProcess {
             .arg(&self.config_path)
             .arg("serve")
             .env_remove("MESHBROKER_DATABASE_URL")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

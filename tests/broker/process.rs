@@ -407,3 +407,44 @@ async fn status_reads_the_cluster_from_the_database_with_or_without_a_broker() {
         "{text}"
     );
 }
+
+/// Under systemd (`Type=notify`) the broker says READY=1 once migrations
+/// ran and it listens, and STOPPING=1 at SIGTERM; SIGHUP (what
+/// `systemctl reload` sends) does not stop it.
+#[actix_web::test]
+async fn it_notifies_systemd_and_survives_sighup() {
+    use std::os::unix::net::UnixDatagram;
+    let env = TestEnv::without_broker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut p = BrokerProcess::spawn_with_env(
+        &env.db_url,
+        vec![("NOTIFY_SOCKET".into(), socket_path.clone().into_os_string())],
+    )
+    .await;
+    let mut buf = [0u8; 64];
+    let n = socket.recv(&mut buf).expect("READY=1 from the broker");
+    assert_eq!(&buf[..n], b"READY=1");
+    assert_eq!(
+        http_get(&format!("{}/health/ready", p.http_url)).await.0,
+        200
+    );
+
+    p.signal(nix::sys::signal::Signal::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        matches!(p.child.try_wait(), Ok(None)),
+        "SIGHUP stopped the broker:\n{}",
+        p.log()
+    );
+    assert!(p.log().contains("SIGHUP"), "{}", p.log());
+
+    p.sigterm();
+    let n = socket.recv(&mut buf).expect("STOPPING=1 from the broker");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    p.wait_exit(Duration::from_secs(15)).await;
+}
