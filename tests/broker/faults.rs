@@ -339,6 +339,25 @@ impl SteadyTraffic {
         }
     }
 
+    /// Connects `a` (at `from`) and `b` (at `to`), starts traffic from a
+    /// to b and checks it flows (`what` says where, for the failure).
+    async fn flowing(
+        from: &str,
+        a: &Member,
+        to: &str,
+        b: &Member,
+        what: &str,
+    ) -> (Rc<RefCell<Ledger>>, Rc<RefCell<Vec<Sent>>>, SteadyTraffic) {
+        let ac = connect_retry(from, a).await;
+        let bc = connect_retry(to, b).await;
+        let ledger = Rc::new(RefCell::new(Ledger::default()));
+        let log: Rc<RefCell<Vec<Sent>>> = Rc::default();
+        let traffic = SteadyTraffic::start(ac, bc, b.pubkey(), &ledger, &log);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(ledger.borrow().report().accepted > 0, "{what}");
+        (ledger, log, traffic)
+    }
+
     /// Starts PostgreSQL again and waits for the first send made after
     /// `outage_end` to be accepted; returns when PostgreSQL was started and
     /// how long after that the send was answered.
@@ -560,15 +579,14 @@ async fn postgres_outage_refuses_sends_and_recovers_without_restart() {
         ProcessConfig::new().set("delivery.lease", "\"3s\""),
     )
     .await;
-    let ac = connect_retry(&p.ws_url, &a).await;
-    let bc = connect_retry(&p.ws_url, &b).await;
-
-    let ledger = Rc::new(RefCell::new(Ledger::default()));
-    let log: Rc<RefCell<Vec<Sent>>> = Rc::default();
-    let traffic = SteadyTraffic::start(ac, bc, b.pubkey(), &ledger, &log);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = ledger.borrow().report().accepted;
-    assert!(before > 0, "traffic flows before the outage");
+    let (ledger, log, traffic) = SteadyTraffic::flowing(
+        &p.ws_url,
+        &a,
+        &p.ws_url,
+        &b,
+        "traffic flows before the outage",
+    )
+    .await;
 
     cluster.stop().await;
     let stopped = Instant::now();
@@ -709,16 +727,14 @@ async fn postgres_restart_under_cross_node_traffic_loses_nothing() {
         )
         .await;
     }
-    let ac = connect_retry(&p0.ws_url, &a).await;
-    let bc = connect_retry(&p1.ws_url, &b).await;
-    let ledger = Rc::new(RefCell::new(Ledger::default()));
-    let log: Rc<RefCell<Vec<Sent>>> = Rc::default();
-    let traffic = SteadyTraffic::start(ac, bc, b.pubkey(), &ledger, &log);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(
-        ledger.borrow().report().accepted > 0,
-        "traffic crosses before the outage"
-    );
+    let (ledger, log, traffic) = SteadyTraffic::flowing(
+        &p0.ws_url,
+        &a,
+        &p1.ws_url,
+        &b,
+        "traffic crosses before the outage",
+    )
+    .await;
 
     cluster.stop().await;
     let stopped = Instant::now();
@@ -813,17 +829,14 @@ async fn killed_embedded_postgres_is_restarted_by_the_broker() {
     let mesh = Mesh::create(&pg.url()).await;
     let a = mesh.member("alice").await;
     let b = mesh.member("bob").await;
-    let ac = connect_retry(&p.ws_url, &a).await;
-    let bc = connect_retry(&p.ws_url, &b).await;
-
-    let ledger = Rc::new(RefCell::new(Ledger::default()));
-    let log: Rc<RefCell<Vec<Sent>>> = Rc::default();
-    let traffic = SteadyTraffic::start(ac, bc, b.pubkey(), &ledger, &log);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(
-        ledger.borrow().report().accepted > 0,
-        "traffic flows before the kill"
-    );
+    let (ledger, log, traffic) = SteadyTraffic::flowing(
+        &p.ws_url,
+        &a,
+        &p.ws_url,
+        &b,
+        "traffic flows before the kill",
+    )
+    .await;
     let restarts = |text: &str| metric(text, "meshbroker_embedded_postgres_restarts_total", &[]);
     assert_eq!(restarts(&metrics_at(&p.http_url).await), 0.0);
 
