@@ -20,12 +20,15 @@ use crate::actors::janitor::Janitor;
 use crate::actors::registry::{self, Registry};
 use crate::actors::sweeper::Sweeper;
 use crate::actors::writer::WriteJob;
-use crate::actors::{RateLimiter, Shared};
+use crate::actors::Shared;
 use crate::config::Config;
 use crate::db::{queries, Pool};
 use crate::http::{self, AppState};
-use crate::ids::NodeId;
 use crate::metrics::Metrics;
+use crate::tls::{Certificates, TlsError};
+
+type TcpStream = actix_web::rt::net::TcpStream;
+type TlsStream = actix_tls::accept::rustls_0_23::TlsStream<TcpStream>;
 
 /// How long shutdown waits for sockets to close before it stops the server.
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
@@ -44,6 +47,9 @@ pub enum BrokerError {
         #[source]
         source: std::io::Error,
     },
+    /// `[server.tls]` names files that are not a usable certificate and key.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// A running broker.
@@ -51,6 +57,8 @@ pub struct Broker {
     local_addr: SocketAddr,
     shared: Arc<Shared>,
     registry: Addr<Registry>,
+    /// What TLS handshakes present, when `[server.tls]` is set.
+    certs: Option<Arc<Certificates>>,
     _sweeper: Addr<Sweeper>,
     sweeper_fail_next: Arc<AtomicBool>,
     _janitor: Addr<Janitor>,
@@ -70,14 +78,14 @@ pub async fn start(
     let local_addr = listener
         .local_addr()
         .map_err(BrokerError::ListenerAddress)?;
-    let shared = Arc::new(Shared {
-        send_limits: RateLimiter::new(config.limits.send_burst, config.limits.send_per_sec),
-        config: config.clone(),
-        pool,
-        metrics: Arc::new(Metrics::new()),
-        node_id: NodeId::new(),
-        cluster: Default::default(),
-    });
+    // Before any actor starts: a bad certificate is a start-up error.
+    let certs = config
+        .server
+        .tls
+        .as_ref()
+        .map(Certificates::open)
+        .transpose()?;
+    let shared = Arc::new(Shared::new(config.clone(), pool, Arc::new(Metrics::new())));
     // Claims, acks and sends are batched on a thread of their own; drains
     // are spread over one thread per core.
     let batching = Arbiter::new();
@@ -137,28 +145,34 @@ pub async fn start(
             // Each connection keeps where its socket is, so a WebSocket
             // whose client stopped reading can be cut off (`Backlog`).
             .on_connect(|conn, data| {
-                if let Some(handle) = conn
-                    .downcast_ref::<actix_web::rt::net::TcpStream>()
-                    .and_then(SocketOf::current)
-                {
+                let tcp = conn
+                    .downcast_ref::<TcpStream>()
+                    .or_else(|| conn.downcast_ref::<TlsStream>().map(|tls| tls.get_ref().0));
+                if let Some(handle) = tcp.and_then(SocketOf::current) {
                     data.insert(handle);
                 }
-            })
-            .listen(listener)
-            .map_err(|source| BrokerError::Serve {
-                addr: local_addr,
-                source,
-            })?
-            .disable_signals()
-            .shutdown_timeout(2)
-            .run();
+            });
+    let server = match &certs {
+        Some(certs) => server.listen_rustls_0_23(listener, certs.server_config()?),
+        None => server.listen(listener),
+    };
+    let server = server
+        .map_err(|source| BrokerError::Serve {
+            addr: local_addr,
+            source,
+        })?
+        .disable_signals()
+        .shutdown_timeout(2)
+        .run();
     let handle = server.handle();
     let server_task = actix_web::rt::spawn(server);
-    tracing::info!(listen = %local_addr, node = %shared.node_id, "meshbroker is serving");
+    let scheme = if certs.is_some() { "wss" } else { "ws" };
+    tracing::info!(listen = %local_addr, node = %shared.node_id, url = %format!("{scheme}://{local_addr}/ws"), "meshbroker is serving");
     Ok(Broker {
         local_addr,
         shared,
         registry,
+        certs,
         _sweeper: sweeper,
         sweeper_fail_next: fail_next,
         _janitor: janitor,
@@ -176,6 +190,19 @@ impl Broker {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.shared.metrics
+    }
+
+    /// Runs with `config` from now on (what [`crate::reload::plan`] made
+    /// of the running one and a new file). The certificate files are read
+    /// first, even when their names did not change (a renewed certificate
+    /// keeps its name); if they do not load, nothing changes. Connections
+    /// already open keep the TLS session they have.
+    pub fn reconfigure(&self, config: Config) -> Result<(), TlsError> {
+        if let (Some(certs), Some(tls)) = (&self.certs, &config.server.tls) {
+            certs.reload(tls)?;
+        }
+        self.shared.reconfigure(Arc::new(config));
+        Ok(())
     }
 
     /// Makes the sweeper's next pass fail, as a database error would: the

@@ -6,8 +6,12 @@
 //! only moves JSON over the socket, answers pings, and sorts what arrives.
 //!
 //! Everything here runs inside an actix `System` (awc is single-threaded).
+//!
+//! `wss://` URLs trust the system's certificate bundle unless [`trust`]
+//! names other authorities (a private CA, as the tests use).
 
 use std::collections::VecDeque;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
@@ -16,7 +20,7 @@ use ed25519_dalek::SigningKey;
 use futures_util::{Sink, SinkExt as _, Stream, StreamExt as _};
 use serde_json::{json, Value};
 
-use crate::crypto;
+use crate::{crypto, tls};
 
 /// How long `hello_ack` may take (the contract's client deadline).
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -24,6 +28,31 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 pub const SEND_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames this client accepts; larger than any broker frame limit.
 const MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// What `wss://` connections of this process trust, once [`trust`] set it.
+static TRUSTED: RwLock<Option<Arc<rustls::ClientConfig>>> = RwLock::new(None);
+
+/// Makes `wss://` connections opened from now on trust only the
+/// certificates in the PEM file `ca_file` (a CA, or the broker's
+/// self-signed certificate).
+pub fn trust(ca_file: &std::path::Path) -> anyhow::Result<()> {
+    let config = tls::client_config(Some(ca_file))?;
+    *TRUSTED.write().expect("trust lock") = Some(config);
+    Ok(())
+}
+
+/// The TLS configuration for `url`, `None` for `ws://`.
+fn tls_for(url: &str) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
+    if !url.starts_with("wss://") {
+        return Ok(None);
+    }
+    if let Some(config) = TRUSTED.read().expect("trust lock").clone() {
+        return Ok(Some(config));
+    }
+    Ok(Some(tls::client_config(None).context(
+        "wss:// without a trusted CA; name one (meshbroker client --ca-file)",
+    )?))
+}
 
 /// Milliseconds since the Unix epoch, the unit of hello timestamps.
 pub fn now_ms() -> i64 {
@@ -256,11 +285,14 @@ impl Connection {
         headers: &[(&str, &str)],
     ) -> anyhow::Result<Connection> {
         let url = ws_url(url);
-        let mut request = awc::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .finish()
-            .ws(url.as_str())
-            .max_frame_size(MAX_FRAME);
+        let client = awc::Client::builder().timeout(Duration::from_secs(10));
+        let client = match tls_for(&url)? {
+            Some(tls) => client
+                .connector(awc::Connector::new().rustls_0_23(tls))
+                .finish(),
+            None => client.finish(),
+        };
+        let mut request = client.ws(url.as_str()).max_frame_size(MAX_FRAME);
         for (name, value) in headers {
             request = request.set_header(*name, *value);
         }

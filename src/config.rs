@@ -61,6 +61,9 @@ pub struct ServerConfig {
     /// balancer, and the hook's loopback rule and per-source rate limit
     /// must see the client instead. Empty: the header is never read.
     pub trusted_proxies: Vec<IpBlock>,
+    /// Serve `wss://` and `https://` instead of `ws://` and `http://`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -68,8 +71,19 @@ impl Default for ServerConfig {
         Self {
             listen: "127.0.0.1:7900".parse().expect("valid default address"),
             trusted_proxies: Vec::new(),
+            tls: None,
         }
     }
+}
+
+/// `[server.tls]`: the listener's certificate, re-read on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file: the certificate, then any intermediates.
+    pub cert: PathBuf,
+    /// PEM file: the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -315,7 +329,7 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let invalid = |key: &'static str, value: String, reason: &'static str| {
             Err(ConfigError::Invalid {
                 path: path.to_owned(),

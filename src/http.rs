@@ -60,11 +60,11 @@ async fn websocket(
     stream: web::Payload,
     state: web::Data<AppState>,
 ) -> actix_web::Result<HttpResponse> {
-    let config = &state.shared.config;
+    let config = state.shared.config();
     // Kept in the response stream, the only place where it proves the
     // socket is still this connection's (`SocketHandle`).
     let socket = req.conn_data::<SocketOf>().map(SocketOf::handle);
-    let backlog = Arc::new(Backlog::new(backlog_limit(config), socket.as_ref()));
+    let backlog = Arc::new(Backlog::new(backlog_limit(&config), socket.as_ref()));
     let session = WsSession::new(
         state.shared.clone(),
         state.registry.clone(),
@@ -197,7 +197,7 @@ fn client_of(req: &HttpRequest, state: &AppState) -> Option<IpAddr> {
         .get_all(X_FORWARDED_FOR)
         .map(|line| line.to_str().unwrap_or(""))
         .collect();
-    let trusted = &state.shared.config.server.trusted_proxies;
+    let trusted = &state.shared.config().server.trusted_proxies;
     Some(client_ip(peer, &forwarded, trusted))
 }
 
@@ -219,7 +219,7 @@ async fn hook_set_status(
             return fail(StatusCode::TOO_MANY_REQUESTS, "rate_limit");
         }
     }
-    if body.len() > state.shared.config.limits.max_message_bytes {
+    if body.len() > state.shared.config().limits.max_message_bytes {
         return fail(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
     }
     let Ok(hook) = serde_json::from_slice::<HookBody>(&body) else {

@@ -19,6 +19,11 @@
 //!   - [`error_code`]: every refusal: wire code, close code, metric label,
 //!     permanent or retryable.
 //!   - [`crypto`]: ed25519 keys and the exact strings each handshake signs.
+//!   - [`tls`]: the listener's certificate (rustls), swappable on SIGHUP,
+//!     and the client's trusted authorities for `wss://`.
+//!   - [`reload`]: what SIGHUP may change: the new configuration compared
+//!     with the running one, key by key.
+//!   - [`sd_notify`]: readiness and stopping, told to systemd.
 //! - [`client`]: a small real protocol client, used by `meshbroker client`,
 //!   the tests and the bench; it needs nothing of the broker.
 //! - [`db`]: migrations, and all SQL; [`db::pool`] the pool, which fails fast
@@ -93,6 +98,8 @@ pub mod http;
 pub mod ids;
 pub mod metrics;
 pub mod protocol;
+pub mod reload;
 pub mod routing;
 pub mod sd_notify;
 pub mod status;
+pub mod tls;

@@ -44,6 +44,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "error_code",
             "crypto",
             "sd_notify",
+            "tls",
+            "reload",
         ],
     ),
     // The protocol's other end, behind `meshbroker client` and the tests:

@@ -153,7 +153,7 @@ impl Link {
 
     /// The listening loop: heartbeat, notices in, the poll.
     async fn run(self) {
-        let cluster = &self.shared.config.cluster;
+        let cluster = &self.shared.config().cluster;
         let mut backoff = MIN_BACKOFF;
         let mut registered = false;
         let mut first = true;
@@ -324,7 +324,7 @@ impl Link {
         // After an outage every node's heartbeat is old: a node judges
         // others only once its own have run for `dead_after`, by when
         // every live node has had the time to beat again.
-        let dead_after = self.shared.config.cluster.dead_after.get();
+        let dead_after = self.shared.config().cluster.dead_after.get();
         if healthy_since.get_or_insert_with(Instant::now).elapsed() < dead_after {
             return Ok(());
         }
@@ -340,7 +340,7 @@ impl Link {
     /// leader announces as `peer_left` to every node.
     async fn take_over(&self, conn: &mut AsyncPgConnection, dead: NodeId) -> Result<(), BusError> {
         let members = timed(queries::release_node_claims(conn, dead)).await?;
-        let grace = self.shared.config.presence.grace.get();
+        let grace = self.shared.config().presence.grace.get();
         let closed = timed(queries::close_node_presence(conn, dead, grace)).await?;
         Metrics::add(&self.shared.metrics.cluster.nodes_declared_dead, 1);
         tracing::warn!(
@@ -434,8 +434,8 @@ impl Link {
         let registry = self.registry.clone();
         let polling = self.polling.clone();
         actix::spawn(async move {
-            let every = shared.config.cluster.poll_interval.get();
-            let max_attempts = shared.config.delivery.max_attempts as i32;
+            let every = shared.config().cluster.poll_interval.get();
+            let max_attempts = shared.config().delivery.max_attempts as i32;
             if let Ok(mut conn) = shared.pool.get().await {
                 if let Ok(rows) =
                     lifecycle::members_to_wake(&mut conn, shared.node_id.0, max_attempts, every)

@@ -54,7 +54,7 @@ impl Job for ClaimJob {
         passes: Vec<ClaimPass>,
     ) -> LocalBoxFuture<'static, Result<Vec<Out<Self>>, QueryError>> {
         async move {
-            let cfg = &shared.config.delivery;
+            let cfg = &shared.config().delivery;
             let specs: Vec<ClaimSpec<'_>> = passes
                 .iter()
                 .flat_map(|pass| {

@@ -165,7 +165,7 @@ impl Drain {
     fn admit(&self, presence_id: PresenceId) -> bool {
         let n = |m: &HashMap<PresenceId, usize>| m.get(&presence_id).copied().unwrap_or(0);
         let busy = n(&self.acks_in_flight) + n(&self.settles_in_flight);
-        if busy < self.shared.config.delivery.max_in_flight as usize {
+        if busy < self.shared.config().delivery.max_in_flight as usize {
             return true;
         }
         self.shared
@@ -195,7 +195,7 @@ impl Drain {
     /// What each connection may claim now (the rule is
     /// [`routing::plan_claims`]).
     fn plan(&mut self) -> Vec<ClaimPlan> {
-        let max_in_flight = self.shared.config.delivery.max_in_flight;
+        let max_in_flight = self.shared.config().delivery.max_in_flight;
         let candidates: Vec<Candidate> = self
             .conns
             .iter_mut()
@@ -209,7 +209,7 @@ impl Drain {
                 cut: c.handle.is_cut(),
             })
             .collect();
-        routing::plan_claims(&candidates, self.shared.config.delivery.claim_batch)
+        routing::plan_claims(&candidates, self.shared.config().delivery.claim_batch)
     }
 
     /// Runs one claim pass (or marks one due if a pass is running).
@@ -594,7 +594,7 @@ impl Handler<Settle> for Drain {
     fn handle(&mut self, msg: Settle, ctx: &mut Self::Context) {
         self.count();
         let shared = self.shared.clone();
-        let lease = shared.config.delivery.lease.get();
+        let lease = shared.config().delivery.lease.get();
         let presence_id = msg.presence_id;
         if !self.conns.contains_key(&presence_id) || !self.admit(presence_id) {
             return;

@@ -148,7 +148,7 @@ impl Janitor {
 
 /// One pass; see the module documentation for its steps.
 async fn run_pass(shared: &Shared, walk: Option<WalkCursor>) -> Result<Pass, PassError> {
-    let delivery = &shared.config.delivery;
+    let delivery = &shared.config().delivery;
     let retention = delivery.retention.get();
     let mut conn = shared.pool.get().await?;
     let mut pass = Pass::default();
@@ -192,7 +192,7 @@ impl Actor for Janitor {
     fn started(&mut self, ctx: &mut Self::Context) {
         self.running = false;
         self.shared.metrics.actor_started(ActorKind::Janitor);
-        ctx.run_interval(self.shared.config.janitor.interval.get(), |act, ctx| {
+        ctx.run_interval(self.shared.config().janitor.interval.get(), |act, ctx| {
             act.shared.metrics.actor_message(ActorKind::Janitor);
             act.pass(ctx);
         });

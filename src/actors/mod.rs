@@ -32,7 +32,7 @@ pub mod writer;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use crate::config::Config;
@@ -42,7 +42,8 @@ use crate::metrics::Metrics;
 
 /// What every actor of one broker process shares. Cheap to clone (`Arc`).
 pub struct Shared {
-    pub config: Arc<Config>,
+    /// Read through [`Shared::config`]: SIGHUP swaps it ([`Shared::reconfigure`]).
+    config: RwLock<Arc<Config>>,
     pub pool: Pool,
     pub metrics: Arc<Metrics>,
     /// This process; recorded on presence rows and claims.
@@ -51,6 +52,33 @@ pub struct Shared {
     pub send_limits: RateLimiter<uuid::Uuid>,
     /// What this node's last heartbeat learned of the cluster.
     pub cluster: ClusterView,
+}
+
+impl Shared {
+    pub fn new(config: Arc<Config>, pool: Pool, metrics: Arc<Metrics>) -> Shared {
+        Shared {
+            send_limits: RateLimiter::new(config.limits.send_burst, config.limits.send_per_sec),
+            config: RwLock::new(config),
+            pool,
+            metrics,
+            node_id: NodeId::new(),
+            cluster: ClusterView::default(),
+        }
+    }
+
+    /// The configuration in force. Take it once per decision: a reload
+    /// between two reads would mix two configurations.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().expect("config lock").clone()
+    }
+
+    /// Runs with `config` from now on (a reload; see `reload::plan` for
+    /// what may differ from the running one).
+    pub fn reconfigure(&self, config: Arc<Config>) {
+        self.send_limits
+            .set_rate(config.limits.send_burst, config.limits.send_per_sec);
+        *self.config.write().expect("config lock") = config;
+    }
 }
 
 /// This node's view of the cluster, written by the bus at each heartbeat.
@@ -116,34 +144,52 @@ impl From<crate::db::PoolError> for PassError {
 
 /// Token buckets keyed by `K`: `burst` tokens, refilled at `per_sec`.
 pub struct RateLimiter<K> {
+    state: Mutex<Buckets<K>>,
+}
+
+struct Buckets<K> {
     burst: f64,
     per_sec: f64,
-    buckets: Mutex<HashMap<K, (f64, Instant)>>,
+    tokens: HashMap<K, (f64, Instant)>,
 }
 
 impl<K: std::hash::Hash + Eq + Clone> RateLimiter<K> {
     pub fn new(burst: u32, per_sec: u32) -> Self {
         RateLimiter {
-            burst: burst.into(),
-            per_sec: per_sec.into(),
-            buckets: Mutex::new(HashMap::new()),
+            state: Mutex::new(Buckets {
+                burst: burst.into(),
+                per_sec: per_sec.into(),
+                tokens: HashMap::new(),
+            }),
         }
+    }
+
+    /// New limits for every key; a bucket keeps its tokens, up to the new
+    /// burst.
+    pub fn set_rate(&self, burst: u32, per_sec: u32) {
+        let mut state = self.state.lock().expect("rate limiter lock");
+        state.burst = burst.into();
+        state.per_sec = per_sec.into();
     }
 
     /// Takes one token for `key`; false when the bucket is empty.
     pub fn allow(&self, key: &K) -> bool {
         let now = Instant::now();
-        let mut buckets = self.buckets.lock().expect("rate limiter lock");
+        let mut state = self.state.lock().expect("rate limiter lock");
+        let Buckets {
+            burst,
+            per_sec,
+            tokens: buckets,
+        } = &mut *state;
+        let (burst, per_sec) = (*burst, *per_sec);
         if buckets.len() > 100_000 {
             // Full buckets carry no information: forget them.
-            let burst = self.burst;
-            let per_sec = self.per_sec;
             buckets.retain(|_, (tokens, at)| {
                 *tokens + now.duration_since(*at).as_secs_f64() * per_sec < burst
             });
         }
-        let (tokens, at) = buckets.entry(key.clone()).or_insert((self.burst, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_sec).min(self.burst);
+        let (tokens, at) = buckets.entry(key.clone()).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * per_sec).min(burst);
         *at = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
@@ -159,15 +205,11 @@ impl<K: std::hash::Hash + Eq + Clone> RateLimiter<K> {
 /// is the actors' own logic.
 #[cfg(test)]
 pub(crate) fn test_shared() -> Shared {
-    let config = Config::default();
-    Shared {
-        send_limits: RateLimiter::new(config.limits.send_burst, config.limits.send_per_sec),
-        config: Arc::new(config),
-        pool: Pool::unreachable(),
-        metrics: Arc::new(Metrics::default()),
-        node_id: NodeId::new(),
-        cluster: ClusterView::default(),
-    }
+    Shared::new(
+        Arc::new(Config::default()),
+        Pool::unreachable(),
+        Arc::new(Metrics::default()),
+    )
 }
 
 #[cfg(test)]
@@ -180,5 +222,17 @@ mod tests {
         assert!((0..3).all(|_| rl.allow(&1)));
         assert!(!rl.allow(&1));
         assert!(rl.allow(&2), "buckets are per key");
+    }
+
+    #[test]
+    fn a_new_rate_applies_to_existing_buckets() {
+        let rl = RateLimiter::new(1, 1);
+        assert!(rl.allow(&1));
+        assert!(!rl.allow(&1));
+        rl.set_rate(1, 1_000_000);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert!(rl.allow(&1), "refilled at the new rate");
+        rl.set_rate(0, 0);
+        assert!(!rl.allow(&3), "a new bucket starts at the new burst");
     }
 }

@@ -309,7 +309,7 @@ impl Actor for Registry {
         self.shared.metrics.actor_started(ActorKind::Registry);
         // Keep this broker's presence rows fresh, so a broker that dies
         // can be told apart from a quiet one (the sweeper reaps stale rows).
-        let every = self.shared.config.presence.ping_interval.get();
+        let every = self.shared.config().presence.ping_interval.get();
         ctx.run_interval(every, |act, ctx| {
             let ids: Vec<PresenceId> = act.conns.keys().copied().collect();
             if ids.is_empty() {
@@ -425,7 +425,7 @@ impl Handler<Disconnect> for Registry {
         if self.shutting_down || fenced {
             return;
         }
-        let grace = self.shared.config.presence.grace.get();
+        let grace = self.shared.config().presence.grace.get();
         let with_grace = !replaced && !revoked && !grace.is_zero();
         if !replaced && !with_grace && entry.visible {
             self.announce(&entry, Event::Left);
@@ -456,7 +456,7 @@ impl Registry {
         }
         self.closing_rows = true;
         let batch = std::mem::take(&mut self.to_close);
-        let grace = self.shared.config.presence.grace.get();
+        let grace = self.shared.config().presence.grace.get();
         let pool = self.shared.pool.clone();
         let ids = batch.clone();
         ctx.spawn(
@@ -957,7 +957,7 @@ impl Handler<Shutdown> for Registry {
         self.shutting_down = true;
         let shared = self.shared.clone();
         let node = shared.node_id;
-        let grace = shared.config.presence.grace.get();
+        let grace = shared.config().presence.grace.get();
         Box::pin(
             async move {
                 let mut released = Vec::new();

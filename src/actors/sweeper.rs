@@ -63,7 +63,7 @@ impl Sweeper {
             }
             // Asked first: no pooled connection is held across it.
             let live = registry.send(registry::LiveMembers).await?;
-            let cfg = &shared.config;
+            let cfg = shared.config();
             let mut conn = shared.pool.get().await?;
             let (mut dead, mut expired, mut grace) = Default::default();
             if shared.cluster.is_leader() {
@@ -133,7 +133,7 @@ impl Actor for Sweeper {
     fn started(&mut self, ctx: &mut Self::Context) {
         self.running = false;
         self.shared.metrics.actor_started(ActorKind::Sweeper);
-        ctx.run_interval(self.shared.config.sweeper.interval.get(), |act, ctx| {
+        ctx.run_interval(self.shared.config().sweeper.interval.get(), |act, ctx| {
             act.shared.metrics.actor_message(ActorKind::Sweeper);
             act.sweep(ctx);
         });

@@ -83,7 +83,7 @@ impl Job for WriteJob {
         let wake = self.wake.clone();
         let members = self.members.clone();
         async move {
-            let window = shared.config.delivery.dedupe_window.get();
+            let window = shared.config().delivery.dedupe_window.get();
             let mut conn = shared.pool.get().await?;
             let targets = resolve(&mut conn, &members, &stores).await?;
             let mut sends = Vec::with_capacity(stores.len());

@@ -60,6 +60,11 @@ pub(super) struct ClientFlags {
     /// Broker WebSocket URL [default: ws://<server.listen>/ws]
     #[arg(long)]
     url: Option<String>,
+    /// For wss://: a PEM file of the authority that signed the broker's
+    /// certificate (or the certificate itself) [default: the system's
+    /// bundle, or SSL_CERT_FILE]
+    #[arg(long, value_name = "PATH", env = "MESHBROKER_CA_FILE")]
+    ca_file: Option<std::path::PathBuf>,
     /// Connect as a fresh session attested by the member (session_hello).
     #[arg(long)]
     session: bool,
@@ -130,10 +135,13 @@ fn client_args(config: &Config, flags: ClientFlags) -> anyhow::Result<ClientArgs
             .to_owned(),
         (None, None) => anyhow::bail!("give --secret-key-file, or MESHBROKER_SECRET_KEY"),
     };
+    if let Some(ca_file) = &flags.ca_file {
+        crate::client::trust(ca_file)?;
+    }
     Ok(ClientArgs {
         url: flags
             .url
-            .unwrap_or_else(|| default_ws_url(config.server.listen)),
+            .unwrap_or_else(|| default_ws_url(config.server.listen, config.server.tls.is_some())),
         mesh_id: flags.mesh,
         member_id: flags.member_id,
         secret_key,
@@ -141,15 +149,16 @@ fn client_args(config: &Config, flags: ClientFlags) -> anyhow::Result<ClientArgs
     })
 }
 
-/// `ws://<server.listen>/ws`, with a wildcard listen address replaced by
-/// loopback (one cannot connect to 0.0.0.0 portably).
-fn default_ws_url(listen: SocketAddr) -> String {
+/// `ws://<server.listen>/ws` (`wss://` with TLS), with a wildcard listen
+/// address replaced by loopback (one cannot connect to 0.0.0.0 portably).
+fn default_ws_url(listen: SocketAddr, tls: bool) -> String {
     let ip = match listen.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
         ip => ip,
     };
-    format!("ws://{}/ws", SocketAddr::new(ip, listen.port()))
+    let scheme = if tls { "wss" } else { "ws" };
+    format!("{scheme}://{}/ws", SocketAddr::new(ip, listen.port()))
 }
 
 async fn connect(args: &ClientArgs) -> anyhow::Result<Connection> {
@@ -224,15 +233,15 @@ mod tests {
     #[test]
     fn ws_url_defaults_to_the_listen_address() {
         assert_eq!(
-            default_ws_url("127.0.0.1:7900".parse().unwrap()),
+            default_ws_url("127.0.0.1:7900".parse().unwrap(), false),
             "ws://127.0.0.1:7900/ws"
         );
         assert_eq!(
-            default_ws_url("0.0.0.0:80".parse().unwrap()),
-            "ws://127.0.0.1:80/ws"
+            default_ws_url("0.0.0.0:443".parse().unwrap(), true),
+            "wss://127.0.0.1:443/ws"
         );
         assert_eq!(
-            default_ws_url("[::]:7900".parse().unwrap()),
+            default_ws_url("[::]:7900".parse().unwrap(), false),
             "ws://[::1]:7900/ws"
         );
     }

@@ -14,6 +14,7 @@ use anyhow::{anyhow, Context};
 use clap::{Args, Parser, Subcommand};
 use diesel_async::{AsyncConnection, SimpleAsyncConnection};
 use tokio::signal::unix::{signal, SignalKind};
+use tracing_subscriber::EnvFilter;
 
 use crate::config::{redact_url, Config, Dur, LogFormat};
 use crate::db::embedded::{self, EmbeddedPostgres};
@@ -232,7 +233,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     init_logging(&config);
     actix_web::rt::System::new().block_on(async move {
         match cli.command {
-            Command::Serve => serve(config).await,
+            Command::Serve => serve(config, ConfigFile { path, explicit }).await,
             Command::Migrate => migrate(&config).await,
             Command::Mesh(cmd) => mesh_command(&config, cmd).await,
             Command::Member(cmd) => member_command(&config, cmd).await,
@@ -254,17 +255,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     })
 }
 
+/// Sets the log filter of a running process (`log.level` on SIGHUP); set
+/// once logging is up.
+type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+static SET_LOG_LEVEL: std::sync::OnceLock<SetLogLevel> = std::sync::OnceLock::new();
+
 /// Logs go to stderr so `--json` output on stdout stays clean.
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::new(&config.log.level);
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(EnvFilter::new(&config.log.level))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = match config.log.format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
+    // The filter is the last layer set, so that its reload handle names the
+    // formatter that is installed.
+    macro_rules! install {
+        ($builder:expr) => {{
+            let builder = $builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            if builder.try_init().is_ok() {
+                let _ = SET_LOG_LEVEL.set(Box::new(move |level| {
+                    let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+                    handle.reload(filter).map_err(|e| e.to_string())
+                }));
+            }
+        }};
+    }
+    match config.log.format {
+        LogFormat::Json => install!(builder.json()),
+        LogFormat::Text => install!(builder),
+    }
+}
+
+fn set_log_level(level: &str) -> Result<(), String> {
+    match SET_LOG_LEVEL.get() {
+        Some(set) => set(level),
+        None => Err("logging was set up elsewhere".into()),
+    }
 }
 
 /// Every WebSocket holds a descriptor: a soft limit of 1,024 would refuse
@@ -278,7 +304,15 @@ fn raise_fd_limit() {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+/// Where the configuration came from: SIGHUP reads it again.
+struct ConfigFile {
+    path: PathBuf,
+    /// Named on the command line: a missing file is an error, not the
+    /// defaults.
+    explicit: bool,
+}
+
+async fn serve(config: Config, file: ConfigFile) -> anyhow::Result<()> {
     raise_fd_limit();
     // Bind first: a taken port should fail before a cluster is started.
     let listener = bind(config.server.listen)?;
@@ -291,6 +325,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let (pool, mut embedded) = embedded::open(&config).await?;
     tracing::info!(listen = %config.server.listen, "meshbroker listening");
     let result = async {
+        let mut running = config.clone();
         let broker = crate::broker::start(Arc::new(config), pool, listener).await?;
         // The cluster this broker runs on is kept alive while it serves.
         let supervisor = embedded.take().map(|pg| {
@@ -307,9 +342,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                     tracing::warn!("SIGUSR1: fault drill, the next sweeper pass fails");
                     broker.inject_sweeper_failure();
                 }
-                Some(()) = hangup.recv() => {
-                    tracing::warn!("SIGHUP: re-reading the configuration is not supported yet; restart the broker to apply changes");
-                }
+                Some(()) = hangup.recv() => reload(&broker, &mut running, &file),
             }
         }
         crate::sd_notify::notify("STOPPING=1");
@@ -324,6 +357,52 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         pg.stop();
     }
     result
+}
+
+/// SIGHUP: reads the configuration file again and applies what can change
+/// while serving (see `reload::plan`), certificates included. A file that
+/// does not load, or certificates that do not, change nothing.
+fn reload(broker: &crate::broker::Broker, running: &mut Config, file: &ConfigFile) {
+    let shown = file.path.display();
+    let refused = |why: &dyn std::fmt::Display| {
+        tracing::error!("SIGHUP: configuration not reloaded, nothing changed: {why}");
+    };
+    let fresh = match Config::load(&file.path, file.explicit) {
+        Ok(fresh) => fresh,
+        Err(e) => return refused(&e),
+    };
+    let plan = crate::reload::plan(running, &fresh);
+    if let Err(e) = broker.reconfigure(plan.effective.clone()) {
+        return refused(&e);
+    }
+    if plan.effective.log.level != running.log.level {
+        if let Err(e) = set_log_level(&plan.effective.log.level) {
+            tracing::error!("SIGHUP: log.level not changed: {e}");
+        }
+    }
+    *running = plan.effective;
+    if !plan.need_restart.is_empty() {
+        tracing::warn!(
+            "SIGHUP: {} changed in {shown} but only take effect after a restart; kept as they were",
+            plan.need_restart.join(", ")
+        );
+    }
+    let certs = if running.server.tls.is_some() {
+        "; TLS certificate re-read"
+    } else {
+        ""
+    };
+    if plan.applied.is_empty() {
+        tracing::info!(
+            "SIGHUP: configuration reloaded from {shown}, no reloadable key changed{certs}"
+        );
+    } else {
+        let applied: Vec<String> = plan.applied.iter().map(ToString::to_string).collect();
+        tracing::info!(
+            "SIGHUP: configuration reloaded from {shown}: {}{certs}",
+            applied.join(", ")
+        );
+    }
 }
 
 fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {

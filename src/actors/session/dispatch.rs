@@ -129,7 +129,7 @@ impl super::Io {
             ClientFrame::Nack(n) => {
                 let delay = match n.delay.as_deref().map(str::parse::<crate::config::Dur>) {
                     None => Duration::ZERO,
-                    Some(Ok(d)) if d <= self.shared.config.delivery.message_ttl => d.get(),
+                    Some(Ok(d)) if d <= self.shared.config().delivery.message_ttl => d.get(),
                     // Longer than the message lives: it could never be
                     // pushed again, and the database cannot hold the time.
                     Some(Ok(d)) => {

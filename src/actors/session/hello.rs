@@ -23,9 +23,9 @@ fn unavailable() -> Refusal {
 
 impl WsSession {
     pub(super) fn hello(&mut self, kind: HelloKind, ctx: &mut Ctx) {
-        let cfg = &self.io.shared.config;
+        let cfg = self.io.shared.config();
         let claims =
-            match handshake::verify_offline(&kind, chrono::Utc::now().timestamp_millis(), cfg) {
+            match handshake::verify_offline(&kind, chrono::Utc::now().timestamp_millis(), &cfg) {
                 Ok(c) => c,
                 Err(refusal) => return refuse(self.io.metrics(), ctx, refusal),
             };
@@ -75,7 +75,7 @@ impl WsSession {
                     .await
                     .map_err(|_| Refusal::new(ErrorCode::Unavailable, "broker is shutting down"))?;
             }
-            let cap = i64::from(shared.config.limits.max_connections_per_mesh);
+            let cap = i64::from(shared.config().limits.max_connections_per_mesh);
             let Opened {
                 member,
                 display_name,

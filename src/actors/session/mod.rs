@@ -165,7 +165,7 @@ impl Actor for WsSession {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.io.metrics().actor_started(ActorKind::Session);
-        let presence = &self.io.shared.config.presence;
+        let presence = &self.io.shared.config().presence;
         let (every, timeout) = (presence.ping_interval.get(), presence.pong_timeout.get());
         ctx.run_interval(every, move |act, ctx| {
             if act.io.last_heard.elapsed() > timeout {
@@ -179,7 +179,7 @@ impl Actor for WsSession {
         // hello (or whose hello is still being verified, which `ctx.wait`
         // finishes first) is closed, so unauthenticated connections cannot
         // pile up.
-        let hello_timeout = self.io.shared.config.limits.hello_timeout.get();
+        let hello_timeout = self.io.shared.config().limits.hello_timeout.get();
         ctx.run_later(hello_timeout, |act, ctx| {
             if let State::AwaitingHello { verifying: None } = act.state {
                 refuse(

@@ -30,7 +30,7 @@ impl Io {
                 ctx.text(text);
             }
         };
-        let limits = &self.shared.config.limits;
+        let limits = &self.shared.config().limits;
         if send.nonce.len() + send.ciphertext.len() + send.target_spec.len()
             > limits.max_message_bytes
         {
@@ -67,7 +67,7 @@ impl Io {
         if let Err(e) = send.check_bounds() {
             return refuse(ctx, ErrorCode::Invalid, &e);
         }
-        let cfg = &self.shared.config;
+        let cfg = self.shared.config();
         let msg = NewMessage {
             // Time-ordered: new rows land at the right edge of the
             // primary key's index instead of on random pages.
