@@ -41,9 +41,21 @@ pub fn trust(ca_file: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The TLS configuration for `url`, `None` for `ws://`.
+/// An HTTP client for `url` (`ws://`, `wss://`, `http://` or `https://`)
+/// that trusts what [`trust`] named for TLS.
+pub fn http_client(url: &str) -> anyhow::Result<awc::Client> {
+    let client = awc::Client::builder().timeout(Duration::from_secs(10));
+    Ok(match tls_for(url)? {
+        Some(tls) => client
+            .connector(awc::Connector::new().rustls_0_23(tls))
+            .finish(),
+        None => client.finish(),
+    })
+}
+
+/// The TLS configuration for `url`, `None` without TLS.
 fn tls_for(url: &str) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
-    if !url.starts_with("wss://") {
+    if !(url.starts_with("wss://") || url.starts_with("https://")) {
         return Ok(None);
     }
     if let Some(config) = TRUSTED.read().expect("trust lock").clone() {
@@ -285,14 +297,9 @@ impl Connection {
         headers: &[(&str, &str)],
     ) -> anyhow::Result<Connection> {
         let url = ws_url(url);
-        let client = awc::Client::builder().timeout(Duration::from_secs(10));
-        let client = match tls_for(&url)? {
-            Some(tls) => client
-                .connector(awc::Connector::new().rustls_0_23(tls))
-                .finish(),
-            None => client.finish(),
-        };
-        let mut request = client.ws(url.as_str()).max_frame_size(MAX_FRAME);
+        let mut request = http_client(&url)?
+            .ws(url.as_str())
+            .max_frame_size(MAX_FRAME);
         for (name, value) in headers {
             request = request.set_header(*name, *value);
         }

@@ -164,3 +164,73 @@ impl ResolvesServerCert for Certificates {
         Some(self.current.read().expect("tls cert lock").clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate and its key, written into `dir`.
+    fn pair(dir: &Path, name: &str) -> TlsConfig {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let tls = TlsConfig {
+            cert: dir.join(format!("{name}.crt")),
+            key: dir.join(format!("{name}.key")),
+        };
+        std::fs::write(&tls.cert, cert.pem()).unwrap();
+        std::fs::write(&tls.key, key.serialize_pem()).unwrap();
+        tls
+    }
+
+    #[test]
+    fn a_matching_pair_loads_and_a_bad_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = pair(dir.path(), "a");
+        let b = pair(dir.path(), "b");
+        assert!(load(&a).is_ok());
+
+        let crossed = TlsConfig {
+            cert: a.cert.clone(),
+            key: b.key.clone(),
+        };
+        let err = load(&crossed).unwrap_err().to_string();
+        assert!(
+            err.starts_with("server.tls.key ") && err.contains("does not match"),
+            "{err}"
+        );
+
+        let missing = TlsConfig {
+            cert: dir.path().join("none.crt"),
+            key: a.key.clone(),
+        };
+        let err = load(&missing).unwrap_err().to_string();
+        assert!(
+            err.contains("none.crt") && err.contains("cannot read"),
+            "{err}"
+        );
+
+        std::fs::write(&b.cert, "hello\n").unwrap();
+        let err = load(&b).unwrap_err().to_string();
+        assert!(
+            err.contains("b.crt") && err.contains("CERTIFICATE"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_failed_reload_keeps_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = pair(dir.path(), "a");
+        let certs = Certificates::open(&a).unwrap();
+        let before = certs.current.read().unwrap().cert.clone();
+        std::fs::write(&a.key, "").unwrap();
+        assert!(certs.reload(&a).is_err());
+        assert_eq!(certs.current.read().unwrap().cert, before);
+        let b = pair(dir.path(), "b");
+        certs.reload(&b).unwrap();
+        assert_ne!(certs.current.read().unwrap().cert, before);
+    }
+}

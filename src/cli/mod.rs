@@ -316,6 +316,10 @@ async fn serve(config: Config, file: ConfigFile) -> anyhow::Result<()> {
     raise_fd_limit();
     // Bind first: a taken port should fail before a cluster is started.
     let listener = bind(config.server.listen)?;
+    // So is a certificate that does not load (the broker loads it again).
+    if let Some(tls) = &config.server.tls {
+        crate::tls::load(tls)?;
+    }
     let shutdown = shutdown_signal()?;
     // Installed before anything slow: SIGUSR1's default action is to kill.
     let mut drill =

@@ -54,6 +54,8 @@ impl ProcessConfig {
 pub struct BrokerProcess {
     pub child: Child,
     pub config_path: PathBuf,
+    /// What `config_path` holds.
+    config: ProcessConfig,
     dir: tempfile::TempDir,
     pub http_url: String,
     pub ws_url: String,
@@ -124,16 +126,21 @@ impl BrokerProcess {
         };
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("meshbroker.toml");
-        let toml = config
-            .set("server.listen", &format!("\"127.0.0.1:{port}\""))
-            .render();
-        std::fs::write(&config_path, toml).expect("write config");
+        let config = config.set("server.listen", &format!("\"127.0.0.1:{port}\""));
+        std::fs::write(&config_path, config.render()).expect("write config");
+        let tls = config.0.contains_key("server.tls.cert");
+        let (http, ws) = if tls {
+            ("https", "wss")
+        } else {
+            ("http", "ws")
+        };
         let mut p = BrokerProcess {
             child: Command::new("true").spawn().expect("placeholder child"),
             config_path,
+            config,
             dir,
-            http_url: format!("http://127.0.0.1:{port}"),
-            ws_url: format!("ws://127.0.0.1:{port}/ws"),
+            http_url: format!("{http}://127.0.0.1:{port}"),
+            ws_url: format!("{ws}://127.0.0.1:{port}/ws"),
             env,
         };
         let _ = p.child.wait();
@@ -163,6 +170,36 @@ impl BrokerProcess {
         self.wait_healthy().await;
     }
 
+    /// Rewrites the config file with `change` applied to what it holds
+    /// (for a SIGHUP to read).
+    pub fn rewrite_config(&mut self, change: impl FnOnce(ProcessConfig) -> ProcessConfig) {
+        self.config = change(self.config.clone());
+        self.write_config_text(&self.config.render());
+    }
+
+    /// Replaces the config file with `text` as it is (a broken file).
+    pub fn write_config_text(&self, text: &str) {
+        std::fs::write(&self.config_path, text).expect("write config");
+    }
+
+    /// Sends SIGHUP and waits until the log has one more line containing
+    /// `marker` than before; returns the log.
+    pub async fn sighup_until(&self, marker: &str) -> String {
+        let before = self.log().matches(marker).count();
+        self.signal(Signal::SIGHUP);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if log.matches(marker).count() > before {
+                return log;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("no {marker:?} in the log after SIGHUP:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
     }
@@ -173,8 +210,10 @@ impl BrokerProcess {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("meshbroker serve exited early ({status}):\n{}", self.log());
             }
-            let ok = awc::Client::new()
-                .get(format!("{}/health", self.http_url))
+            let url = format!("{}/health", self.http_url);
+            let ok = meshbroker::client::http_client(&url)
+                .expect("HTTP client")
+                .get(url)
                 .timeout(Duration::from_secs(2))
                 .send()
                 .await

@@ -22,3 +22,5 @@ mod lifecycle;
 mod pipeline;
 mod presence;
 mod process;
+mod reload;
+mod tls;

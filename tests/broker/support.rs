@@ -543,8 +543,10 @@ pub fn metric_opt(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64
     found
 }
 
+/// GET `url`; `https://` trusts what `meshbroker::client::trust` named.
 pub async fn http_get(url: &str) -> (u16, String) {
-    let mut res = awc::Client::new()
+    let mut res = meshbroker::client::http_client(url)
+        .expect("HTTP client")
         .get(url)
         .send()
         .await
