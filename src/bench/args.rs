@@ -96,6 +96,10 @@ pub struct BenchArgs {
     /// prints, one JSON object per line or one array.
     #[arg(long, value_name = "FILE", requires = "url")]
     pub provision: Option<PathBuf>,
+    /// With wss:// URLs: a PEM file of the authority that signed the
+    /// brokers' certificates [default: the system's bundle]
+    #[arg(long, value_name = "PATH", env = "MESHBROKER_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Serve this meshbroker executable instead of this one (our own
     /// brokers only, all of them): one load generator against two builds,
     /// to compare them in one sitting.

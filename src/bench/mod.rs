@@ -58,6 +58,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let progress = Rc::new(progress::Progress::new(args.quiet));
     let mut target = match (args.url.is_empty(), &args.provision) {
         (false, Some(file)) => {
+            if let Some(ca_file) = &args.ca_file {
+                crate::client::trust(ca_file)?;
+            }
             let members = provision::load(file)?;
             // Idle mode makes the missing connections sessions of the members.
             let least = if args.mode == Mode::Idle { 1 } else { 2 };
