@@ -200,6 +200,15 @@ impl BrokerProcess {
         }
     }
 
+    /// A connection to this broker with a completed `hello` as `m`.
+    pub async fn hello(&self, m: &crate::support::Member) -> meshbroker::client::Connection {
+        use crate::support::Must as _;
+        meshbroker::client::hello(&self.ws_url, &m.creds, &Default::default())
+            .await
+            .must()
+            .0
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
     }

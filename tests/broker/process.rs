@@ -32,14 +32,8 @@ async fn sigterm_closes_with_1001_and_releases_unacked_leases() {
     let a = env.member("alice").await;
     let b = env.member("bob").await;
     let mut p = BrokerProcess::spawn(&env.db_url).await;
-    let mut ac = meshbroker::client::hello(&p.ws_url, &a.creds, &Default::default())
-        .await
-        .must()
-        .0;
-    let mut bc = meshbroker::client::hello(&p.ws_url, &b.creds, &Default::default())
-        .await
-        .must()
-        .0;
+    let mut ac = p.hello(&a).await;
+    let mut bc = p.hello(&b).await;
     let ack = ac
         .send_message(&b.pubkey(), "in flight", "now", None)
         .await

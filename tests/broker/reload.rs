@@ -21,10 +21,7 @@ async fn sighup_reloads_what_can_change_and_names_what_cannot() {
     let a = env.member("alice").await;
     let b = env.member("bob").await;
     let mut p = BrokerProcess::spawn(&env.db_url).await;
-    let mut ac = meshbroker::client::hello(&p.ws_url, &a.creds, &Default::default())
-        .await
-        .must()
-        .0;
+    let mut ac = p.hello(&a).await;
     let big = "x".repeat(2000);
     let ack = send(&mut ac, &b, &big).await;
     assert_eq!(ack["queued"], true, "within the starting limit: {ack}");

@@ -113,14 +113,8 @@ async fn wss_and_https_on_one_listener_and_sighup_swaps_the_certificate() {
         "a plain ws:// connection to the TLS listener must fail"
     );
 
-    let mut ac = meshbroker::client::hello(&p.ws_url, &a.creds, &Default::default())
-        .await
-        .must()
-        .0;
-    let mut bc = meshbroker::client::hello(&p.ws_url, &b.creds, &Default::default())
-        .await
-        .must()
-        .0;
+    let mut ac = p.hello(&a).await;
+    let mut bc = p.hello(&b).await;
     round_trip(&mut ac, &mut bc, &b, "before the swap").await;
     assert_eq!(presented(addr.clone()).await, first);
 
@@ -141,10 +135,7 @@ async fn wss_and_https_on_one_listener_and_sighup_swaps_the_certificate() {
         "after the swap, on the old connections",
     )
     .await;
-    let mut cc = meshbroker::client::hello(&p.ws_url, &a.creds, &Default::default())
-        .await
-        .must()
-        .0;
+    let mut cc = p.hello(&a).await;
     round_trip(
         &mut cc,
         &mut bc,
