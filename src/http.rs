@@ -159,6 +159,7 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let pool = PoolState {
         idle: s.idle_connections,
         in_use: s.connections - s.idle_connections,
+        max: shared.config().database.pool_size,
     };
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")

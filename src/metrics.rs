@@ -263,6 +263,8 @@ impl RetentionTable {
 pub struct PoolState {
     pub idle: u32,
     pub in_use: u32,
+    /// The most the pool opens (`database.pool_size`).
+    pub max: u32,
 }
 
 /// Writes one counter series per actor kind in `kinds`.
@@ -591,8 +593,8 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
-            "# HELP meshbroker_db_pool_connections Database pool connections, by state.\n# TYPE meshbroker_db_pool_connections gauge\nmeshbroker_db_pool_connections{{state=\"idle\"}} {}\nmeshbroker_db_pool_connections{{state=\"in_use\"}} {}",
-            pool.idle, pool.in_use
+            "# HELP meshbroker_db_pool_connections Database pool connections, by state.\n# TYPE meshbroker_db_pool_connections gauge\nmeshbroker_db_pool_connections{{state=\"idle\"}} {}\nmeshbroker_db_pool_connections{{state=\"in_use\"}} {}\n# HELP meshbroker_db_pool_max_connections The most connections the pool opens (database.pool_size).\n# TYPE meshbroker_db_pool_max_connections gauge\nmeshbroker_db_pool_max_connections {}",
+            pool.idle, pool.in_use, pool.max
         );
         let _ = writeln!(
             out,
@@ -744,7 +746,11 @@ mod tests {
                 claimed: 1,
                 dead: 0,
             }),
-            PoolState { idle: 2, in_use: 1 },
+            PoolState {
+                idle: 2,
+                in_use: 1,
+                max: 4,
+            },
         );
         assert!(text.contains("meshbroker_connections{role=\"session\"} 1"));
         assert!(text.contains("meshbroker_messages_accepted_total{priority=\"now\"} 1"));
@@ -758,6 +764,7 @@ mod tests {
         );
         assert!(text.contains("meshbroker_retention_deleted_rows_total{table=\"presence\"} 0"));
         assert!(text.contains("meshbroker_queue_deliveries{state=\"pending\"} 3"));
+        assert!(text.contains("meshbroker_db_pool_max_connections 4"));
         assert!(text.contains("meshbroker_db_pool_connections{state=\"in_use\"} 1"));
         assert!(text.contains("meshbroker_embedded_postgres_restarts_total 1"));
     }

@@ -9,6 +9,7 @@ mod admin_frames;
 mod bench_cmd;
 mod cluster;
 mod delivery;
+mod deploy_files;
 mod durability;
 mod faults;
 mod faults_live;
