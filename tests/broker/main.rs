@@ -24,4 +24,5 @@ mod pipeline;
 mod presence;
 mod process;
 mod reload;
+mod status_page;
 mod tls;

@@ -55,7 +55,7 @@ impl WsSession {
                         req_id,
                     ),
                     _ if awaiting_hello => {
-                        refuse(metrics, ctx, Refusal::new(ErrorCode::Malformed, message))
+                        refuse(&self.io, ctx, Refusal::new(ErrorCode::Malformed, message))
                     }
                     "send" => {
                         metrics.message_rejected(ErrorCode::Invalid);

@@ -27,7 +27,7 @@ impl WsSession {
         let claims =
             match handshake::verify_offline(&kind, chrono::Utc::now().timestamp_millis(), &cfg) {
                 Ok(c) => c,
-                Err(refusal) => return refuse(self.io.metrics(), ctx, refusal),
+                Err(refusal) => return refuse(&self.io, ctx, refusal),
             };
         let presence_id = PresenceId::new();
         self.state = State::AwaitingHello {
@@ -122,7 +122,7 @@ impl WsSession {
         ctx.wait(fut.into_actor(self).map(|result, act, ctx| {
             act.state = State::AwaitingHello { verifying: None };
             match result {
-                Err(refusal) => refuse(act.io.metrics(), ctx, refusal),
+                Err(refusal) => refuse(&act.io, ctx, refusal),
                 Ok(ready) => {
                     reply(
                         ctx,

@@ -18,6 +18,7 @@ mod pipeline;
 mod presence;
 mod send;
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
@@ -73,6 +74,8 @@ struct Io {
     last_seen: Arc<AtomicI64>,
     /// Pushes handed to this session and not yet on their way out.
     backlog: Arc<Backlog>,
+    /// The client's address, as the source rules see it.
+    client: Option<IpAddr>,
 }
 
 type Ctx = ws::WebsocketContext<WsSession>;
@@ -88,6 +91,7 @@ impl WsSession {
         registry: Addr<Registry>,
         writer: Addr<Writer>,
         backlog: Arc<Backlog>,
+        client: Option<IpAddr>,
     ) -> Self {
         WsSession {
             io: Io {
@@ -97,6 +101,7 @@ impl WsSession {
                 last_heard: Instant::now(),
                 last_seen: Arc::new(AtomicI64::new(chrono::Utc::now().timestamp_millis())),
                 backlog,
+                client,
             },
             state: State::AwaitingHello { verifying: None },
         }
@@ -153,9 +158,11 @@ fn close(ctx: &mut Ctx, code: u16, reason: &str) {
     ctx.stop();
 }
 
-/// Refuses a hello: error frame, then close with the code's close code.
-fn refuse(metrics: &Metrics, ctx: &mut Ctx, refusal: crate::handshake::Refusal) {
-    metrics.connection_rejected(refusal.code);
+/// Refuses a hello: error frame, then close with the code's close code;
+/// counted, and kept among the status page's recent refusals.
+fn refuse(io: &Io, ctx: &mut Ctx, refusal: crate::handshake::Refusal) {
+    io.metrics()
+        .hello_refused(refusal.code, &refusal.message, io.client);
     error(ctx, refusal.code, refusal.message, None);
     close(ctx, refusal.code.close_code(), refusal.code.as_str());
 }
@@ -183,7 +190,7 @@ impl Actor for WsSession {
         ctx.run_later(hello_timeout, |act, ctx| {
             if let State::AwaitingHello { verifying: None } = act.state {
                 refuse(
-                    act.io.metrics(),
+                    &act.io,
                     ctx,
                     crate::handshake::Refusal::new(ErrorCode::HelloTimeout, "no hello in time"),
                 );

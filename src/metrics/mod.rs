@@ -4,12 +4,17 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
 use crate::db::queries::{MeshBacklog, QueueDepth};
 use crate::error_code::ErrorCode;
 use crate::ids::Role;
+
+mod live;
+use live::{Actors, Buckets, Count, Messages};
+pub use live::{Live, Refusal, RECENT_REFUSALS};
 
 /// The actor kinds the metrics count, one label value each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,6 +161,7 @@ pub struct Metrics {
     connections: [AtomicI64; 3],
     connections_total: [AtomicU64; 3],
     connections_rejected: Labeled,
+    recent_refusals: live::Refusals,
     messages_accepted: [AtomicU64; 3],
     messages_rejected: Labeled,
     /// Frames refused after the hello or outside it: error frames that
@@ -298,6 +304,7 @@ impl Metrics {
             connections: Default::default(),
             connections_total: Default::default(),
             connections_rejected: Labeled::default(),
+            recent_refusals: live::Refusals::default(),
             messages_accepted: Default::default(),
             messages_rejected: Labeled::default(),
             frames_rejected: Labeled::default(),
@@ -330,9 +337,6 @@ impl Metrics {
     }
     pub fn connection_closed(&self, role: Role) {
         self.connections[role_index(role)].fetch_sub(1, Relaxed);
-    }
-    pub fn connection_rejected(&self, reason: ErrorCode) {
-        self.connections_rejected.inc(reason.as_str());
     }
     pub fn message_accepted(&self, priority: &str) {
         if let Some(i) = PRIORITIES.iter().position(|p| *p == priority) {
@@ -605,6 +609,76 @@ impl Metrics {
     }
 }
 
+impl Histogram {
+    fn live(&self) -> Buckets {
+        let count = self.count.load(Relaxed);
+        let mut le: Vec<Option<f64>> = BUCKETS.iter().copied().map(Some).collect();
+        le.push(None);
+        let mut cumulative: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        cumulative.push(count);
+        Buckets {
+            le,
+            cumulative,
+            count,
+            sum: self.sum_micros.load(Relaxed) as f64 / 1e6,
+        }
+    }
+}
+
+impl Metrics {
+    /// A hello refused with `code`: counted by code, and kept among the
+    /// recent refusals with its message and client address.
+    pub fn hello_refused(&self, code: ErrorCode, message: &str, client: Option<IpAddr>) {
+        self.connections_rejected.inc(code.as_str());
+        self.recent_refusals.push(code, message, client);
+    }
+
+    /// Everything the broker counts itself, now.
+    pub fn live(&self) -> Live {
+        Live {
+            at_ms: chrono::Utc::now().timestamp_millis(),
+            connections: Role::ALL
+                .iter()
+                .map(|r| Count {
+                    name: r.as_str(),
+                    value: self.connections[role_index(*r)].load(Relaxed),
+                })
+                .collect(),
+            actors: ActorKind::ALL
+                .iter()
+                .map(|k| Actors {
+                    kind: k.label(),
+                    running: self.actors[*k as usize].load(Relaxed),
+                    messages: self.actor_messages[*k as usize].load(Relaxed),
+                    restarts: self.actor_restarts[*k as usize].load(Relaxed),
+                })
+                .collect(),
+            messages: Messages {
+                accepted: (0..PRIORITIES.len())
+                    .map(|i| self.messages_accepted[i].load(Relaxed))
+                    .sum(),
+                rejected: self
+                    .messages_rejected
+                    .snapshot()
+                    .iter()
+                    .map(|(_, n)| n)
+                    .sum(),
+                claimed: self.deliveries_claimed.load(Relaxed),
+                pushed: self.deliveries_pushed.load(Relaxed),
+                acked: self.deliveries_acked.load(Relaxed),
+                redelivered: self.deliveries_redelivered.load(Relaxed),
+                leases_expired: self.leases_expired.load(Relaxed),
+                dead_lettered: self.dead_lettered.load(Relaxed),
+                slow_consumers_closed: self.slow_consumers.load(Relaxed),
+            },
+            push_seconds: self.push_seconds.live(),
+            delivery_seconds: self.delivery_seconds.live(),
+            refusals_total: self.connections_rejected.snapshot(),
+            recent_refusals: self.recent_refusals.snapshot(),
+        }
+    }
+}
+
 /// Meshes `/metrics` shows the backlog gauges of at most (the oldest first).
 pub const BACKLOG_MESHES: i64 = 50;
 
@@ -767,5 +841,33 @@ mod tests {
         assert!(text.contains("meshbroker_db_pool_max_connections 4"));
         assert!(text.contains("meshbroker_db_pool_connections{state=\"in_use\"} 1"));
         assert!(text.contains("meshbroker_embedded_postgres_restarts_total 1"));
+    }
+
+    #[test]
+    fn a_snapshot_has_the_totals_and_the_newest_refusals_first() {
+        let m = Metrics::new();
+        m.connection_opened(Role::Service);
+        m.message_accepted("low");
+        m.observe_first_push(0.003);
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        for i in 0..RECENT_REFUSALS + 5 {
+            m.hello_refused(ErrorCode::BadSignature, &format!("no {i}"), Some(ip));
+        }
+        let live = m.live();
+        assert_eq!(live.messages.accepted, 1);
+        let service = live.connections.iter().find(|c| c.name == "service");
+        assert_eq!(service.map(|c| c.value), Some(1));
+        assert_eq!(live.push_seconds.count, 1);
+        // 0.003 s is above the 2.5 ms bound and within 5 ms.
+        assert_eq!(&live.push_seconds.cumulative[..3], &[0, 0, 1]);
+        assert_eq!(live.push_seconds.le.last(), Some(&None));
+        assert_eq!(
+            live.refusals_total,
+            vec![("bad_signature", RECENT_REFUSALS as u64 + 5)]
+        );
+        assert_eq!(live.recent_refusals.len(), RECENT_REFUSALS);
+        let newest = &live.recent_refusals[0];
+        assert_eq!(newest.message, format!("no {}", RECENT_REFUSALS + 4));
+        assert_eq!(newest.client.as_deref(), Some("10.1.2.3"));
     }
 }

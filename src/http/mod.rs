@@ -1,5 +1,8 @@
 //! The listener's routes: `/ws` (the protocol), `/health`, `/health/ready`,
-//! `/metrics` and `/hook/set-status`. Anything else is 404.
+//! `/metrics`, `/hook/set-status`, and the status page (`/`, `/status`,
+//! `/status.json`, in [`status_page`]). Anything else is 404.
+
+mod status_page;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -32,6 +35,7 @@ pub struct AppState {
     pub registry: Addr<Registry>,
     pub writer: Addr<Writer>,
     pub hook_limits: RateLimiter<IpAddr>,
+    db_status: status_page::DbStatusCache,
 }
 
 impl AppState {
@@ -41,6 +45,7 @@ impl AppState {
             registry,
             writer,
             hook_limits: RateLimiter::new(HOOK_BURST, HOOK_PER_SEC),
+            db_status: Default::default(),
         }
     }
 }
@@ -50,7 +55,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/health", web::get().to(health))
         .route("/health/ready", web::get().to(ready))
         .route("/metrics", web::get().to(metrics))
-        .route("/hook/set-status", web::post().to(hook_set_status));
+        .route("/hook/set-status", web::post().to(hook_set_status))
+        .route("/", web::get().to(status_page::page))
+        .route("/status", web::get().to(status_page::page))
+        .route("/status.json", web::get().to(status_json));
 }
 
 /// Upgrades to the protocol. permessage-deflate is never negotiated: the
@@ -70,6 +78,7 @@ async fn websocket(
         state.registry.clone(),
         state.writer.clone(),
         backlog.clone(),
+        client_of(&req, &state),
     );
     let mut response = ws::handshake(&req)?;
     let codec = actix_http::ws::Codec::new().max_size(config.limits.max_frame_bytes);
@@ -105,6 +114,10 @@ where
         }
         next
     }
+}
+
+async fn status_json(state: web::Data<AppState>) -> HttpResponse {
+    status_page::json(&state.shared, &state.db_status).await
 }
 
 async fn health(state: web::Data<AppState>) -> HttpResponse {
