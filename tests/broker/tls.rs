@@ -104,6 +104,11 @@ async fn wss_and_https_on_one_listener_and_sighup_swaps_the_certificate() {
     // https:// on the same listener as wss://.
     let (status, body) = http_get(&format!("{}/health", p.http_url)).await;
     assert_eq!(status, 200, "{body}");
+    // The status page and what it polls, over https:// too.
+    for path in ["/status", "/status.json"] {
+        let (status, body) = http_get(&format!("{}{path}", p.http_url)).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
     // Plain WebSocket to the TLS port gets no handshake.
     let plain = format!("ws://{addr}/ws");
     assert!(
